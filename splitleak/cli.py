@@ -1,0 +1,50 @@
+"""The `splitleak` console script: one subcommand per job, each defined in the module of its role.
+
+Only the chosen subcommand's module is imported, so `splitleak device` never loads torch.
+Every module named here has `get_args_parser() -> argparse.ArgumentParser` and `main(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("splitleak.train", "train a zoo model on a data set and cache the checkpoint"),
+    "export": ("splitleak.export", "write head and tail ONNX files for every split point, with a manifest"),
+    "cloud": ("splitleak.cloud.server", "serve the tails over the Open Inference Protocol (gRPC)"),
+    "device": ("splitleak.device.client", "run the head on frames with ONNX Runtime and stream them to the cloud"),
+    "run": ("splitleak.local", "start a cloud and a device as two processes on loopback and print the summary"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: splitleak COMMAND [options]   (splitleak COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {about}" for name, (_, about) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"splitleak: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    parser = module.get_args_parser()
+    parser.prog = f"splitleak {argv[0]}"
+    # A command that starts other commands (run, demo) takes their options too and passes them on as `forward`.
+    args, forward = parser.parse_known_args(argv[1:])
+    if forward and not getattr(module, "FORWARDS_OPTIONS", False):
+        parser.error(f"unrecognized arguments: {' '.join(forward)}")
+    args.forward = forward
+    try:
+        return module.main(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Image data sets as plain numpy arrays, so the device (which has no torch) reads them the same way as training does.
+
+A data set is named by a string:
+- `cifar10`, `mnist`, `fashion_mnist`, `att_faces`, ...: an `.npz` folder under the data root
+  (`$SPLITLEAK_DATA`, else `../shared/datasets` when it exists), with `images` (uint8, N x H x W x C),
+  `labels` and `classes`;
+- `embedded` (real photos) and `embedded-faces` (a small face set): shipped with scikit-image, so the project runs
+  with neither network nor data root;
+- `torchvision:CIFAR10` (any torchvision data set with `.data` and `.targets`): downloaded by torchvision into the
+  cache, for users who are online;
+- `imagefolder:PATH`: one sub-folder of images per class.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64; -1 where the image has no label
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, indices) -> Dataset:
+        return Dataset(self.name, self.images[indices], self.labels[indices], self.classes)
+
+
+def data_root() -> Path | None:
+    if env := os.environ.get("SPLITLEAK_DATA"):
+        return Path(env)
+    for candidate in (Path.cwd() / ".." / "shared" / "datasets", REPO_ROOT / ".." / "shared" / "datasets"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("SPLITLEAK_CACHE", Path.home() / ".cache" / "splitleak"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_dataset() -> str:
+    """CIFAR-10 from the data root when there is one, else the embedded photos."""
+    root = data_root()
+    return "cifar10" if root is not None and (root / "cifar10" / "test.npz").exists() else "embedded"
+
+
+def load(name: str, split: str = "test") -> Dataset:
+    if name == "embedded":
+        return _embedded_photos()
+    if name == "embedded-faces":
+        return _embedded_faces()
+    if name.startswith("torchvision:"):
+        return _torchvision(name.split(":", 1)[1], split)
+    if name.startswith("imagefolder:"):
+        return _image_folder(Path(name.split(":", 1)[1]))
+    root = data_root()
+    path = None if root is None else root / name / f"{split}.npz"
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"data set {name!r} ({split}) not found: looked for {path or 'a data root'}; set SPLITLEAK_DATA to the "
+            "folder of .npz data sets, or use 'embedded', 'torchvision:NAME' or 'imagefolder:PATH'"
+        )
+    with np.load(path) as f:
+        images = f["images"]
+        return Dataset(name, images if images.ndim == 4 else images[..., None], f["labels"].astype(np.int64),
+                       tuple(str(c) for c in f["classes"]))
+
+
+def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Centre-crop to a square and resize to `size` (bilinear), converting to `channels`; uint8 in and out."""
+    from PIL import Image
+
+    if images.shape[1] == images.shape[2] == size and images.shape[3] == channels:
+        return images
+    mode = "RGB" if channels == 3 else "L"
+    out = np.empty((len(images), size, size, channels), np.uint8)
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        pil = Image.fromarray(img[top : top + s, left : left + s].squeeze(-1) if img.shape[2] == 1
+                              else img[top : top + s, left : left + s])
+        arr = np.asarray(pil.convert(mode).resize((size, size), Image.BILINEAR))
+        out[i] = arr if arr.ndim == 3 else arr[..., None]
+    return out
+
+
+# Photos that scikit-image ships inside its wheel, with the CIFAR-10 class each one shows (or none).
+_EMBEDDED_PHOTOS = {
+    "chelsea": "cat", "coffee": None, "astronaut": None, "rocket": None, "camera": None,
+    "immunohistochemistry": None, "retina": None, "hubble_deep_field": None, "colorwheel": None,
+}
+_CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _embedded_photos() -> Dataset:
+    """scikit-image's bundled photos, each cut into its centre and four corner crops, as 32x32 RGB."""
+    from skimage import data as skdata
+
+    crops, labels = [], []
+    for name, cls in _EMBEDDED_PHOTOS.items():
+        img = getattr(skdata, name)()
+        img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3]
+        h, w = img.shape[:2]
+        s = int(min(h, w) * 0.8)
+        for top, left in ((0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)):
+            crops.append(resize(img[None, top : top + s, left : left + s], 32, 3)[0])
+            labels.append(_CIFAR10.index(cls) if cls else -1)
+    return Dataset("embedded", np.stack(crops), np.array(labels, np.int64), _CIFAR10)
+
+
+def _embedded_faces() -> Dataset:
+    """scikit-image's LFW subset: 100 faces (25x25 grey), labelled 1, and 100 non-faces, labelled 0."""
+    from skimage import data as skdata
+
+    images = (skdata.lfw_subset() * 255).round().astype(np.uint8)[..., None]
+    labels = np.array([1] * 100 + [0] * 100, np.int64)
+    return Dataset("embedded-faces", images, labels, ("not a face", "face"))
+
+
+def _torchvision(name: str, split: str) -> Dataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, name)
+    ds = cls(str(cache_dir() / "torchvision"), train=split == "train", download=True)
+    images = np.asarray(ds.data)
+    images = images if images.ndim == 4 else images[..., None]
+    return Dataset(f"torchvision:{name}", images.astype(np.uint8), np.asarray(ds.targets, np.int64),
+                   tuple(ds.classes))
+
+
+def _image_folder(root: Path) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class sub-folders")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((root / cls).iterdir()):
+            if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}:
+                images.append(np.asarray(Image.open(path).convert("RGB")))
+                labels.append(label)
+    side = min(min(i.shape[:2]) for i in images)
+    return Dataset(f"imagefolder:{root}", np.concatenate([resize(i[None], side, 3) for i in images]),
+                   np.array(labels, np.int64), tuple(classes))

@@ -1,0 +1,92 @@
+"""Export a trained model as head and tail ONNX files for every split point (`splitleak export`).
+
+Both halves take a dynamic batch dimension. The head's input is `image` (normalised float32, NCHW) and its output
+`activation`; the tail takes `activation` and returns `logits`. See splitleak.manifest for the folder's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from splitleak import data, manifest, zoo
+from splitleak.train import TrainConfig, checkpoint_path, load_model
+
+OPSET = 18
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
+    # The TorchScript exporter: one self-contained file, no onnxscript at run time, and onnx2torch reads it back.
+    torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name], output_names=[output_name],
+                      dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=OPSET,
+                      dynamo=False)
+
+
+@torch.no_grad()
+def export(model: torch.nn.Sequential, out_dir: Path, *, name: str, model_name: str, dataset: str,
+           classes: list[str], input_shape: tuple[int, int, int], mean: list[float], std: list[float],
+           split_points: tuple[str, ...], default_split: str, test_accuracy: float | None = None) -> dict:
+    """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    example = torch.zeros(2, *input_shape)
+    splits = {}
+    for split_point in split_points:
+        head, tail = zoo.split(model, split_point)
+        activation = head(example)
+        files = {"head": f"{split_point}.head.onnx", "tail": f"{split_point}.tail.onnx"}
+        export_onnx(head, example, out_dir / files["head"], "image", "activation")
+        export_onnx(tail, activation, out_dir / files["tail"], "activation", "logits")
+        splits[split_point] = {
+            **files,
+            "activation": {"name": "activation", "shape": list(activation.shape[1:]), "datatype": "FP32"},
+            "sha256": {part: manifest.sha256(out_dir / f) for part, f in files.items()},
+        }
+    doc = {
+        "name": name, "model": model_name, "dataset": dataset, "classes": list(classes),
+        "test_accuracy": test_accuracy, "default_split": default_split,
+        "input": {"name": "image", "shape": list(input_shape), "datatype": "FP32", "layout": "NCHW",
+                  "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                  "note": "x = (pixel / 255 - mean) / std, per channel"},
+        "output": {"name": "logits", "shape": [len(classes)], "datatype": "FP32"},
+        "splits": splits,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def export_checkpoint(checkpoint: dict, out_dir: Path) -> dict:
+    config = checkpoint["config"]
+    entry = zoo.ZOO[config["model"]]
+    inp = checkpoint["input"]
+    return export(load_model(checkpoint), out_dir, name=f"{config['model']}-{config['dataset']}",
+                  model_name=config["model"], dataset=config["dataset"], classes=checkpoint["classes"],
+                  input_shape=(inp["channels"], inp["size"], inp["size"]), mean=inp["mean"], std=inp["std"],
+                  split_points=entry.split_points, default_split=entry.default_split,
+                  test_accuracy=checkpoint["test_accuracy"])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20", choices=sorted(zoo.ZOO))
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--checkpoint", type=Path, help="default: the one `splitleak train` cached for model and data")
+    parser.add_argument("--limit", type=int, help="the --limit the checkpoint was trained with, if any")
+    parser.add_argument("--out", type=Path, help="default: CACHE/models/MODEL-DATASET")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    path = args.checkpoint or checkpoint_path(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
+    if not path.exists():
+        raise SystemExit(f"no checkpoint at {path}: train one with `splitleak train --model {args.model} "
+                         f"--dataset {args.dataset}`")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    out = args.out or data.cache_dir() / "models" / f"{config['model']}-{config['dataset']}"
+    doc = export_checkpoint(checkpoint, out)
+    print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")
+    return 0

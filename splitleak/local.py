@@ -1,0 +1,61 @@
+"""`splitleak run`: the cloud and the device as two real processes on loopback, the device's summary printed.
+
+The same entry points a user starts by hand (`splitleak cloud`, `splitleak device`), so this exercises exactly
+what a split deployment runs. Options other than `--models` are passed on to the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from splitleak import manifest
+
+FORWARDS_OPTIONS = True
+
+
+def start_cloud(models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0) -> tuple[
+        subprocess.Popen, int]:
+    """Start `splitleak cloud --port 0` and wait for the port it prints."""
+    cmd = [sys.executable, "-m", "splitleak.cli", "cloud", "--port", "0", "--models", *map(str, models),
+           *(extra or [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # the cloud prints its address once it listens
+    match = re.search(r"listening on [\d.]+:(\d+)", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"the cloud did not start (exit {proc.wait(timeout_s)}): {line!r}")
+    return proc, int(match.group(1))
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=manifest.DEFAULT_MODEL_DIR,
+                        help="an exported model folder (default: the shipped ResNet-20 on CIFAR-10)")
+    parser.epilog = "Every other option is passed to `splitleak device` (see splitleak device --help)."
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    cloud, port = start_cloud([args.models])
+    print(f"cloud process {cloud.pid} listening on 127.0.0.1:{port}", flush=True)
+    try:
+        cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{port}",
+               "--model-dir", str(args.models), *args.forward]
+        return subprocess.run(cmd).returncode
+    finally:
+        stop(cloud)

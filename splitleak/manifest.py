@@ -1,0 +1,86 @@
+"""The manifest of an exported model: what the device and the cloud need to know, with no torch.
+
+An exported model is a folder (written by `splitleak export`) holding, for every split point, `SPLIT.head.onnx` and
+`SPLIT.tail.onnx`, and `manifest.json` describing the input (size, normalisation), the activation at each split
+(shape, dtype, bytes) and the sha256 of every file, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "resnet20-cifar10"
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    head: Path
+    tail: Path
+    activation_shape: tuple[int, ...]  # without the batch dimension
+    activation_datatype: str  # an OIP datatype name
+
+    @property
+    def activation_bytes(self) -> int:
+        from splitleak.codec import DATATYPES
+
+        return int(np.prod(self.activation_shape)) * DATATYPES[self.activation_datatype].itemsize
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    name: str  # e.g. "resnet20-cifar10"; the cloud serves split S of it as the OIP model "NAME.S"
+    model: str
+    dataset: str
+    classes: tuple[str, ...]
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: np.ndarray
+    std: np.ndarray
+    test_accuracy: float | None
+    default_split: str
+    splits: dict[str, Split]
+
+    def split(self, name: str | None) -> Split:
+        name = name or self.default_split
+        if name not in self.splits:
+            raise KeyError(f"{self.name} has no split point {name!r}; it has {', '.join(self.splits)}")
+        return self.splits[name]
+
+    def served_name(self, split: str) -> str:
+        return f"{self.name}.{split}"
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> normalised float32 (N, C, H, W), as in training."""
+        x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
+        return np.ascontiguousarray((x - self.mean[:, None, None]) / self.std[:, None, None])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manifest:
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{root} is not an exported model: no manifest.json (make one with splitleak export)")
+    raw = json.loads(path.read_text())
+    splits = {}
+    for name, s in raw["splits"].items():
+        split = Split(name, root / s["head"], root / s["tail"], tuple(s["activation"]["shape"]),
+                      s["activation"]["datatype"])
+        if verify:
+            for part in ("head", "tail"):
+                if sha256(getattr(split, part)) != s["sha256"][part]:
+                    raise ValueError(f"{getattr(split, part)} does not match the sha256 in {path}")
+        splits[name] = split
+    inp = raw["input"]
+    return Manifest(root, raw["name"], raw["model"], raw["dataset"], tuple(raw["classes"]), tuple(inp["shape"]),
+                    np.asarray(inp["mean"], np.float32), np.asarray(inp["std"], np.float32),
+                    raw.get("test_accuracy"), raw["default_split"], splits)

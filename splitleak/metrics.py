@@ -1,0 +1,46 @@
+"""Summaries of what a run measured: latency percentiles per stage, bytes, accuracy. numpy only (the device uses it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+STAGES = ("preprocess", "head", "encode", "uplink", "cloud", "downlink", "total")
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Median and p95 of each stage (ms), mean bytes per frame each way, accuracy over the labelled frames."""
+    done = [r for r in records if r.get("error") is None]
+    labelled = [r for r in done if r["label"] >= 0]
+    summary: dict = {
+        "frames": len(records),
+        "errors": len(records) - len(done),
+        "accuracy": float(np.mean([r["prediction"] == r["label"] for r in labelled])) if labelled else None,
+        "labelled": len(labelled),
+        "bytes_up": float(np.mean([r["bytes_up"] for r in done])) if done else None,
+        "bytes_down": float(np.mean([r["bytes_down"] for r in done])) if done else None,
+        "stages_ms": {},
+    }
+    for stage in STAGES:
+        values = np.array([r[f"{stage}_ms"] for r in done])
+        if len(values):
+            summary["stages_ms"][stage] = {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
+    if len(done) > 1:
+        span_s = (max(r["end_ns"] for r in done) - min(r["start_ns"] for r in done)) / 1e9
+        summary["frames_per_s"] = len(done) / span_s
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"frames: {summary['frames']} ({summary['errors']} errors)"]
+    if summary["accuracy"] is not None:
+        lines.append(f"accuracy: {summary['accuracy']:.4f} over {summary['labelled']} labelled frames")
+    if summary["bytes_up"] is not None:
+        lines.append(f"bytes per frame: {summary['bytes_up']:.0f} up, {summary['bytes_down']:.0f} down")
+    if "frames_per_s" in summary:
+        lines.append(f"throughput: {summary['frames_per_s']:.1f} frames/s")
+    lines.append(f"{'stage':<11}{'median ms':>10}{'p95 ms':>10}")
+    for stage, stats in summary["stages_ms"].items():
+        lines.append(f"{stage:<11}{stats['median']:>10.2f}{stats['p95']:>10.2f}")
+    return "\n".join(lines)
