@@ -55,41 +55,62 @@ class Tail:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(split.tail), options, providers=["CPUExecutionProvider"])
-        return cls(m.served_name(split.name), session, split.activation_shape, split.activation_datatype,
-                   len(m.classes))
+        return cls(
+            m.served_name(split.name), session, split.activation_shape, split.activation_datatype, len(m.classes)
+        )
 
     def metadata(self) -> pb.ModelMetadataResponse:
         return pb.ModelMetadataResponse(
-            name=self.name, versions=["1"], platform="onnxruntime_onnx",
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(name="activation", datatype=self.activation_datatype,
-                                                            shape=[-1, *self.activation_shape])],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32",
-                                                             shape=[-1, self.num_classes])],
+            name=self.name,
+            versions=["1"],
+            platform="onnxruntime_onnx",
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name="activation", datatype=self.activation_datatype, shape=[-1, *self.activation_shape]
+                )
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, self.num_classes])
+            ],
         )
 
     def expected(self) -> str:
-        return f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, " \
-               f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents"
+        return (
+            f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, "
+            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents"
+        )
 
     def validate(self, request: pb.ModelInferRequest) -> None:
         if len(request.inputs) != 1 or request.inputs[0].name != "activation":
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{self.name}: got inputs {[t.name for t in request.inputs]}; expected {self.expected()}")
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.name}: got inputs {[t.name for t in request.inputs]}; expected {self.expected()}",
+            )
         tensor = request.inputs[0]
         if tensor.datatype != self.activation_datatype:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{self.name}: got datatype {tensor.datatype!r}; expected {self.expected()}")
-        if len(tensor.shape) != 1 + len(self.activation_shape) or tuple(tensor.shape[1:]) != self.activation_shape \
-                or tensor.shape[0] < 1:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{self.name}: got shape {list(tensor.shape)}; expected {self.expected()}")
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.name}: got datatype {tensor.datatype!r}; expected {self.expected()}",
+            )
+        if (
+            len(tensor.shape) != 1 + len(self.activation_shape)
+            or tuple(tensor.shape[1:]) != self.activation_shape
+            or tensor.shape[0] < 1
+        ):
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.name}: got shape {list(tensor.shape)}; expected {self.expected()}",
+            )
         if tensor.shape[0] > MAX_BATCH:
-            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"{self.name}: batch of {tensor.shape[0]} is over the limit of {MAX_BATCH}")
+            raise InferError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.name}: batch of {tensor.shape[0]} is over the limit of {MAX_BATCH}",
+            )
         unknown = [o.name for o in request.outputs if o.name != "logits"]
         if unknown:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{self.name}: no output named {unknown}; the only output is 'logits'")
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: no output named {unknown}; the only output is 'logits'"
+            )
 
     def run(self, activation: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"activation": activation})[0]
@@ -113,12 +134,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=not self.draining.is_set())
 
     def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self._tail(request.name, request.version) is not None
-                                     and not self.draining.is_set())
+        return pb.ModelReadyResponse(
+            ready=self._tail(request.name, request.version) is not None and not self.draining.is_set()
+        )
 
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="splitleak", version=splitleak.__version__,
-                                         extensions=["model_repository", "streaming"])
+        return pb.ServerMetadataResponse(
+            name="splitleak", version=splitleak.__version__, extensions=["model_repository", "streaming"]
+        )
 
     def ModelMetadata(self, request, context):
         tail = self._tail(request.name, request.version)
@@ -128,8 +151,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(
-            models=[pb.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
-                    for name in sorted(self.tails)])
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
+                for name in sorted(self.tails)
+            ]
+        )
 
     # Inference.
     def ModelInfer(self, request, context):
@@ -143,8 +169,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 yield pb.ModelStreamInferResponse(infer_response=self.infer(request))
             except InferError as e:
-                yield pb.ModelStreamInferResponse(error_message=f"{e.code.name}: {e.message}",
-                                                  infer_response=pb.ModelInferResponse(id=request.id))
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=request.id)
+                )
             if self.draining.is_set():
                 return  # what was in flight is answered; the device sees the stream end
 
@@ -163,8 +190,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             observe(request, recv_ns)
         logits = tail.run(activation)
         compute_ms = (time.perf_counter() - start) * 1e3
-        return codec.encode_response(request, {"logits": logits}, {
-            "cloud_recv_ns": recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()})
+        return codec.encode_response(
+            request,
+            {"logits": logits},
+            {"cloud_recv_ns": recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
+        )
 
     def _tail(self, name: str, version: str) -> Tail | None:
         return self.tails.get(name) if version in ("", "1") else None
@@ -184,8 +214,9 @@ def load_tails(model_dirs: list[Path], threads: int = 1) -> dict[str, Tail]:
     return tails
 
 
-def serve(service: InferenceService, *, host: str = "127.0.0.1", port: int = 0,
-          max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
+def serve(
+    service: InferenceService, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start serving; returns the server, the port it listens on, and its health servicer."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=transport.OPTIONS)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
@@ -200,8 +231,9 @@ def serve(service: InferenceService, *, host: str = "127.0.0.1", port: int = 0,
     return server, bound, health_servicer
 
 
-def drain(server: grpc.Server, service: InferenceService, health_servicer: health.HealthServicer,
-          grace_s: float = 10.0) -> None:
+def drain(
+    server: grpc.Server, service: InferenceService, health_servicer: health.HealthServicer, grace_s: float = 10.0
+) -> None:
     """Stop taking work, let what is in flight finish (up to `grace_s`), then stop."""
     service.draining.set()
     health_servicer.enter_graceful_shutdown()
@@ -210,18 +242,42 @@ def drain(server: grpc.Server, service: InferenceService, health_servicer: healt
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, nargs="+", default=[manifest.DEFAULT_MODEL_DIR],
-                        help="exported model folders (default: the shipped ResNet-20 on CIFAR-10)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[manifest.DEFAULT_MODEL_DIR],
+        help="exported model folders (default: the shipped ResNet-20 on CIFAR-10)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port and prints it")
     parser.add_argument("--workers", type=int, default=16, help="concurrent RPCs (each open stream holds one)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per inference")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="curious cloud: also write every accepted request to a capture in DIR",
+    )
+    parser.add_argument("--dataset", help="with --record: the data set the device's frames come from, if known")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    service = InferenceService(load_tails(args.models, args.threads))
+    try:
+        service = InferenceService(load_tails(args.models, args.threads))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cloud: {e}", file=sys.stderr)
+        return 2
     server, port, health_servicer = serve(service, host=args.host, port=args.port, max_workers=args.workers)
+    sink = None
+    if args.record:
+        # Imported only here: an honest cloud needs nothing of the attacker's.
+        from splitleak.attacker.capture import CaptureSink, CaptureWriter
+
+        # Added once the port is known (the capture names it) and before it is announced, so no device is missed.
+        sink = CaptureSink(CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}"))
+        service.observers.append(lambda request, recv_ns: sink.put(request.SerializeToString(), recv_ns))
     print(f"cloud listening on {args.host}:{port} serving {', '.join(sorted(service.tails))}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,4 +285,7 @@ def main(args: argparse.Namespace) -> int:
     stop.wait()
     print("cloud draining: finishing in-flight requests", file=sys.stderr, flush=True)
     drain(server, service, health_servicer)
+    if sink is not None:
+        sink.close()
+        print("cloud recorded: " + ", ".join(f"{k} {v}" for k, v in sink.stats.items()), file=sys.stderr, flush=True)
     return 0

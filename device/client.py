@@ -39,8 +39,9 @@ class DeviceError(RuntimeError):
 class Head:
     """The first half of the model, as the app ships it: an ONNX file and its manifest."""
 
-    def __init__(self, model_dir: str | Path = manifest.DEFAULT_MODEL_DIR, split: str | None = None,
-                 threads: int = 1) -> None:
+    def __init__(
+        self, model_dir: str | Path = manifest.DEFAULT_MODEL_DIR, split: str | None = None, threads: int = 1
+    ) -> None:
         self.manifest = manifest.load(model_dir)
         self.split = self.manifest.split(split)
         options = ort.SessionOptions()
@@ -56,8 +57,9 @@ class Head:
         return self.session.run(["activation"], {"image": x})[0]
 
 
-def load_frames(dataset: str, m: manifest.Manifest, limit: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray]:
+def load_frames(
+    dataset: str, m: manifest.Manifest, limit: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices, images resized to the model's input, labels) of `limit` frames drawn without replacement.
 
     Drawn at random because the shared data sets are stored grouped by class."""
@@ -72,8 +74,9 @@ def load_frames(dataset: str, m: manifest.Manifest, limit: int, seed: int = 0) -
 def check_cloud(stub: pb_grpc.GRPCInferenceServiceStub, head: Head, target: str, timeout_s: float = 10.0) -> None:
     """Fail early, with a clear message, if the cloud is down or serves a different tail."""
     try:
-        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=head.served_name), timeout=timeout_s,
-                                  wait_for_ready=True)
+        meta = stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=head.served_name), timeout=timeout_s, wait_for_ready=True
+        )
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
             raise DeviceError(f"the cloud at {target} does not serve {head.served_name}: {e.details()}") from e
@@ -81,8 +84,9 @@ def check_cloud(stub: pb_grpc.GRPCInferenceServiceStub, head: Head, target: str,
     expected = [-1, *head.split.activation_shape]
     got = meta.inputs[0] if meta.inputs else None
     if got is None or list(got.shape) != expected or got.datatype != head.split.activation_datatype:
-        raise DeviceError(f"the cloud's {head.served_name} takes {got}; this head sends "
-                          f"{head.split.activation_datatype} {expected}")
+        raise DeviceError(
+            f"the cloud's {head.served_name} takes {got}; this head sends {head.split.activation_datatype} {expected}"
+        )
 
 
 def _sleep_until(t: float) -> None:
@@ -91,9 +95,18 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-def stream(head: Head, stub: pb_grpc.GRPCInferenceServiceStub, indices: np.ndarray, images: np.ndarray,
-           labels: np.ndarray, *, rate: float = 0.0, link_profile: link.LinkProfile = link.PROFILES["loopback"],
-           seed: int = 0, on_record=None) -> list[dict]:
+def stream(
+    head: Head,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    indices: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    rate: float = 0.0,
+    link_profile: link.LinkProfile = link.PROFILES["loopback"],
+    seed: int = 0,
+    on_record=None,
+) -> list[dict]:
     """Stream the frames through the head and the cloud; returns one record per frame."""
     uplink, downlink = link.Link(link_profile, seed), link.Link(link_profile, seed + 1)
     records: dict[str, dict] = {}
@@ -109,20 +122,34 @@ def stream(head: Head, stub: pb_grpc.GRPCInferenceServiceStub, indices: np.ndarr
                     _sleep_until(start + i / rate)
                 else:
                     answered.acquire()
-                record = {"frame": int(index), "label": int(label), "split": head.split.name,
-                          "start_ns": time.time_ns(), "error": None}
+                record = {
+                    "frame": int(index),
+                    "label": int(label),
+                    "split": head.split.name,
+                    "start_ns": time.time_ns(),
+                    "error": None,
+                }
                 t0 = time.perf_counter()
                 x = head.manifest.preprocess(image[None])
                 t1 = time.perf_counter()
                 activation = head.run(x)
                 t2 = time.perf_counter()
-                request = codec.encode_request(head.served_name, {"activation": activation}, request_id=str(i),
-                                               parameters={"split_point": head.split.name, "frame_id": int(index)})
+                request = codec.encode_request(
+                    head.served_name,
+                    {"activation": activation},
+                    request_id=str(i),
+                    parameters={"split_point": head.split.name, "frame_id": int(index)},
+                )
                 send_ns = time.time_ns()
                 codec.set_parameters(request.parameters, {"device_send_ns": send_ns})
                 t3 = time.perf_counter()
-                record.update(preprocess_ms=(t1 - t0) * 1e3, head_ms=(t2 - t1) * 1e3, encode_ms=(t3 - t2) * 1e3,
-                              bytes_up=request.ByteSize(), device_send_ns=send_ns)
+                record.update(
+                    preprocess_ms=(t1 - t0) * 1e3,
+                    head_ms=(t2 - t1) * 1e3,
+                    encode_ms=(t3 - t2) * 1e3,
+                    bytes_up=request.ByteSize(),
+                    device_send_ns=send_ns,
+                )
                 records[str(i)] = record
                 outbox.put((uplink.arrival(record["bytes_up"], send_ns / 1e9), request))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
@@ -151,10 +178,14 @@ def stream(head: Head, stub: pb_grpc.GRPCInferenceServiceStub, indices: np.ndarr
                 end_ns = time.time_ns()
                 logits = codec.decode_response(response.infer_response)["logits"]
                 record.update(
-                    prediction=int(logits[0].argmax()), bytes_down=response.ByteSize(), end_ns=end_ns,
+                    prediction=int(logits[0].argmax()),
+                    bytes_down=response.ByteSize(),
+                    end_ns=end_ns,
                     uplink_ms=(params["cloud_recv_ns"] - record["device_send_ns"]) / 1e6,
-                    cloud_ms=params["cloud_compute_ms"], downlink_ms=(end_ns - params["cloud_send_ns"]) / 1e6,
-                    total_ms=(end_ns - record["start_ns"]) / 1e6)
+                    cloud_ms=params["cloud_compute_ms"],
+                    downlink_ms=(end_ns - params["cloud_send_ns"]) / 1e6,
+                    total_ms=(end_ns - record["start_ns"]) / 1e6,
+                )
             done.append(record)
             if on_record is not None:
                 on_record(record)
@@ -162,8 +193,9 @@ def stream(head: Head, stub: pb_grpc.GRPCInferenceServiceStub, indices: np.ndarr
             if len(done) == len(indices):
                 break
     except grpc.RpcError as e:
-        raise DeviceError(f"the cloud ended the stream after {len(done)} of {len(indices)} frames: "
-                          f"{e.code().name} {e.details()}") from e
+        raise DeviceError(
+            f"the cloud ended the stream after {len(done)} of {len(indices)} frames: {e.code().name} {e.details()}"
+        ) from e
     finally:
         responses.cancel()
     producer.join(timeout=5)
@@ -177,8 +209,12 @@ def stream(head: Head, stub: pb_grpc.GRPCInferenceServiceStub, indices: np.ndarr
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cloud", default="127.0.0.1:8001", metavar="HOST:PORT")
-    parser.add_argument("--model-dir", type=Path, default=manifest.DEFAULT_MODEL_DIR,
-                        help="an exported model (default: the shipped ResNet-20 on CIFAR-10)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=manifest.DEFAULT_MODEL_DIR,
+        help="an exported model (default: the shipped ResNet-20 on CIFAR-10)",
+    )
     parser.add_argument("--split", help="split point (default: the model's default)")
     parser.add_argument("--dataset", default=None, help="default: cifar10 from the data root, else 'embedded'")
     parser.add_argument("--limit", type=int, default=200, help="frames to send")
@@ -202,17 +238,25 @@ def main(args: argparse.Namespace) -> int:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             check_cloud(stub, head, args.cloud)
-            print(f"device: {len(indices)} frames of {dataset} through {head.served_name} over "
-                  f"{profile.describe()} to {args.cloud}", flush=True)
-            records = stream(head, stub, indices, images, labels, rate=args.rate, link_profile=profile,
-                             seed=args.seed)
+            print(
+                f"device: {len(indices)} frames of {dataset} through {head.served_name} over "
+                f"{profile.describe()} to {args.cloud}",
+                flush=True,
+            )
+            records = stream(head, stub, indices, images, labels, rate=args.rate, link_profile=profile, seed=args.seed)
         except DeviceError as e:
             print(f"device: {e}", file=sys.stderr)
             return 1
     summary = metrics.summarize(records)
     print(metrics.format_summary(summary), flush=True)
     if args.json:
-        config = {"cloud": args.cloud, "model": head.manifest.name, "split": head.split.name, "dataset": dataset,
-                  "link": profile.__dict__, "rate": args.rate}
+        config = {
+            "cloud": args.cloud,
+            "model": head.manifest.name,
+            "split": head.split.name,
+            "dataset": dataset,
+            "link": profile.__dict__,
+            "rate": args.rate,
+        }
         args.json.write_text(json.dumps({"config": config, "summary": summary, "frames": records}, indent=1))
     return 0

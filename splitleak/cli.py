@@ -15,6 +15,8 @@ COMMANDS = {
     "cloud": ("splitleak.cloud.server", "serve the tails over the Open Inference Protocol (gRPC)"),
     "device": ("splitleak.device.client", "run the head on frames with ONNX Runtime and stream them to the cloud"),
     "run": ("splitleak.local", "start a cloud and a device as two processes on loopback and print the summary"),
+    "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
+    "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
 }
 
 

@@ -8,9 +8,9 @@ Split-specific facts ride in the request and response `parameters` maps, so a st
 | key | where | type | meaning |
 |---|---|---|---|
 | `split_point` | request | string | the head's last block |
-| `frame_id` | request | int64 | the frame's index in the device's stream |
+| `frame_id` | request | int64 | the frame's index in the data set the device reads (for scoring) |
 | `device_send_ns` | request | int64 | wall clock (ns) when the device put the request on the link |
-| `cloud_recv_ns`, `cloud_send_ns` | response | int64 | wall clock (ns) when the cloud got the request / sent the answer |
+| `cloud_recv_ns`, `cloud_send_ns` | response | int64 | wall clock (ns): cloud got the request / sent the answer |
 | `cloud_compute_ms` | response | double | time the cloud spent validating and running the tail |
 """
 
@@ -26,9 +26,18 @@ from splitleak.protos import inference_pb2 as pb
 DATATYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype).newbyteorder("<")
     for name, dtype in {
-        "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-        "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-        "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+        "BOOL": np.bool_,
+        "UINT8": np.uint8,
+        "UINT16": np.uint16,
+        "UINT32": np.uint32,
+        "UINT64": np.uint64,
+        "INT8": np.int8,
+        "INT16": np.int16,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "FP16": np.float16,
+        "FP32": np.float32,
+        "FP64": np.float64,
     }.items()
 }
 _NAMES = {dtype.base: name for name, dtype in DATATYPES.items()}
@@ -61,12 +70,20 @@ def set_parameters(target, values: Mapping[str, ParamValue]) -> None:
 
 
 def get_parameters(source) -> dict[str, ParamValue]:
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in source.items()
-            if value.WhichOneof("parameter_choice")}
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice"))
+        for key, value in source.items()
+        if value.WhichOneof("parameter_choice")
+    }
 
 
-def encode_request(model_name: str, inputs: Mapping[str, np.ndarray], *, request_id: str = "",
-                   parameters: Mapping[str, ParamValue] | None = None) -> pb.ModelInferRequest:
+def encode_request(
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    request_id: str = "",
+    parameters: Mapping[str, ParamValue] | None = None,
+) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model_name, id=request_id)
     for name, array in inputs.items():
         request.inputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
@@ -79,10 +96,10 @@ def decode_request(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return _decode(request.inputs, request.raw_input_contents, "input")
 
 
-def encode_response(request: pb.ModelInferRequest, outputs: Mapping[str, np.ndarray],
-                    parameters: Mapping[str, ParamValue] | None = None) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                     id=request.id)
+def encode_response(
+    request: pb.ModelInferRequest, outputs: Mapping[str, np.ndarray], parameters: Mapping[str, ParamValue] | None = None
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
         response.raw_output_contents.append(np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
@@ -100,8 +117,9 @@ def _decode(tensors, raw, kind: str) -> dict[str, np.ndarray]:
     arrays = {}
     for i, tensor in enumerate(tensors):
         if tensor.datatype not in DATATYPES:
-            raise CodecError(f"{kind} {tensor.name!r}: unknown datatype {tensor.datatype!r}; "
-                             f"expected one of {', '.join(DATATYPES)}")
+            raise CodecError(
+                f"{kind} {tensor.name!r}: unknown datatype {tensor.datatype!r}; expected one of {', '.join(DATATYPES)}"
+            )
         if any(d < 0 for d in tensor.shape):
             raise CodecError(f"{kind} {tensor.name!r}: negative dimension in shape {list(tensor.shape)}")
         dtype = DATATYPES[tensor.datatype]
@@ -109,7 +127,9 @@ def _decode(tensors, raw, kind: str) -> dict[str, np.ndarray]:
             raise CodecError(f"{kind} {tensor.name!r}: tensors must be sent in raw_{kind}_contents")
         expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
         if len(raw[i]) != expected:
-            raise CodecError(f"{kind} {tensor.name!r}: {len(raw[i])} bytes, expected {expected} "
-                             f"for {tensor.datatype} of shape {list(tensor.shape)}")
+            raise CodecError(
+                f"{kind} {tensor.name!r}: {len(raw[i])} bytes, expected {expected} "
+                f"for {tensor.datatype} of shape {list(tensor.shape)}"
+            )
         arrays[tensor.name] = np.frombuffer(raw[i], dtype).reshape(tensor.shape)
     return arrays

@@ -75,8 +75,12 @@ def load(name: str, split: str = "test") -> Dataset:
         )
     with np.load(path) as f:
         images = f["images"]
-        return Dataset(name, images if images.ndim == 4 else images[..., None], f["labels"].astype(np.int64),
-                       tuple(str(c) for c in f["classes"]))
+        return Dataset(
+            name,
+            images if images.ndim == 4 else images[..., None],
+            f["labels"].astype(np.int64),
+            tuple(str(c) for c in f["classes"]),
+        )
 
 
 def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -91,8 +95,11 @@ def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
         h, w = img.shape[:2]
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
-        pil = Image.fromarray(img[top : top + s, left : left + s].squeeze(-1) if img.shape[2] == 1
-                              else img[top : top + s, left : left + s])
+        pil = Image.fromarray(
+            img[top : top + s, left : left + s].squeeze(-1)
+            if img.shape[2] == 1
+            else img[top : top + s, left : left + s]
+        )
         arr = np.asarray(pil.convert(mode).resize((size, size), Image.BILINEAR))
         out[i] = arr if arr.ndim == 3 else arr[..., None]
     return out
@@ -100,8 +107,15 @@ def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 # Photos that scikit-image ships inside its wheel, with the CIFAR-10 class each one shows (or none).
 _EMBEDDED_PHOTOS = {
-    "chelsea": "cat", "coffee": None, "astronaut": None, "rocket": None, "camera": None,
-    "immunohistochemistry": None, "retina": None, "hubble_deep_field": None, "colorwheel": None,
+    "chelsea": "cat",
+    "coffee": None,
+    "astronaut": None,
+    "rocket": None,
+    "camera": None,
+    "immunohistochemistry": None,
+    "retina": None,
+    "hubble_deep_field": None,
+    "colorwheel": None,
 }
 _CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -138,8 +152,7 @@ def _torchvision(name: str, split: str) -> Dataset:
     ds = cls(str(cache_dir() / "torchvision"), train=split == "train", download=True)
     images = np.asarray(ds.data)
     images = images if images.ndim == 4 else images[..., None]
-    return Dataset(f"torchvision:{name}", images.astype(np.uint8), np.asarray(ds.targets, np.int64),
-                   tuple(ds.classes))
+    return Dataset(f"torchvision:{name}", images.astype(np.uint8), np.asarray(ds.targets, np.int64), tuple(ds.classes))
 
 
 def _image_folder(root: Path) -> Dataset:
@@ -155,5 +168,9 @@ def _image_folder(root: Path) -> Dataset:
                 images.append(np.asarray(Image.open(path).convert("RGB")))
                 labels.append(label)
     side = min(min(i.shape[:2]) for i in images)
-    return Dataset(f"imagefolder:{root}", np.concatenate([resize(i[None], side, 3) for i in images]),
-                   np.array(labels, np.int64), tuple(classes))
+    return Dataset(
+        f"imagefolder:{root}",
+        np.concatenate([resize(i[None], side, 3) for i in images]),
+        np.array(labels, np.int64),
+        tuple(classes),
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,16 +20,38 @@ OPSET = 18
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
-    # The TorchScript exporter: one self-contained file, no onnxscript at run time, and onnx2torch reads it back.
-    torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name], output_names=[output_name],
-                      dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=OPSET,
-                      dynamo=False)
+    # The TorchScript exporter, deliberately (hence no deprecation warning): one self-contained file per half,
+    # and onnx2torch reads it back for the white-box attacks.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 @torch.no_grad()
-def export(model: torch.nn.Sequential, out_dir: Path, *, name: str, model_name: str, dataset: str,
-           classes: list[str], input_shape: tuple[int, int, int], mean: list[float], std: list[float],
-           split_points: tuple[str, ...], default_split: str, test_accuracy: float | None = None) -> dict:
+def export(
+    model: torch.nn.Sequential,
+    out_dir: Path,
+    *,
+    name: str,
+    model_name: str,
+    dataset: str,
+    classes: list[str],
+    input_shape: tuple[int, int, int],
+    mean: list[float],
+    std: list[float],
+    split_points: tuple[str, ...],
+    default_split: str,
+    test_accuracy: float | None = None,
+) -> dict:
     """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -46,11 +69,21 @@ def export(model: torch.nn.Sequential, out_dir: Path, *, name: str, model_name: 
             "sha256": {part: manifest.sha256(out_dir / f) for part, f in files.items()},
         }
     doc = {
-        "name": name, "model": model_name, "dataset": dataset, "classes": list(classes),
-        "test_accuracy": test_accuracy, "default_split": default_split,
-        "input": {"name": "image", "shape": list(input_shape), "datatype": "FP32", "layout": "NCHW",
-                  "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-                  "note": "x = (pixel / 255 - mean) / std, per channel"},
+        "name": name,
+        "model": model_name,
+        "dataset": dataset,
+        "classes": list(classes),
+        "test_accuracy": test_accuracy,
+        "default_split": default_split,
+        "input": {
+            "name": "image",
+            "shape": list(input_shape),
+            "datatype": "FP32",
+            "layout": "NCHW",
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "note": "x = (pixel / 255 - mean) / std, per channel",
+        },
         "output": {"name": "logits", "shape": [len(classes)], "datatype": "FP32"},
         "splits": splits,
     }
@@ -62,11 +95,20 @@ def export_checkpoint(checkpoint: dict, out_dir: Path) -> dict:
     config = checkpoint["config"]
     entry = zoo.ZOO[config["model"]]
     inp = checkpoint["input"]
-    return export(load_model(checkpoint), out_dir, name=f"{config['model']}-{config['dataset']}",
-                  model_name=config["model"], dataset=config["dataset"], classes=checkpoint["classes"],
-                  input_shape=(inp["channels"], inp["size"], inp["size"]), mean=inp["mean"], std=inp["std"],
-                  split_points=entry.split_points, default_split=entry.default_split,
-                  test_accuracy=checkpoint["test_accuracy"])
+    return export(
+        load_model(checkpoint),
+        out_dir,
+        name=f"{config['model']}-{config['dataset']}",
+        model_name=config["model"],
+        dataset=config["dataset"],
+        classes=checkpoint["classes"],
+        input_shape=(inp["channels"], inp["size"], inp["size"]),
+        mean=inp["mean"],
+        std=inp["std"],
+        split_points=entry.split_points,
+        default_split=entry.default_split,
+        test_accuracy=checkpoint["test_accuracy"],
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,8 +124,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     path = args.checkpoint or checkpoint_path(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
     if not path.exists():
-        raise SystemExit(f"no checkpoint at {path}: train one with `splitleak train --model {args.model} "
-                         f"--dataset {args.dataset}`")
+        raise SystemExit(
+            f"no checkpoint at {path}: train one with `splitleak train --model {args.model} --dataset {args.dataset}`"
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
     out = args.out or data.cache_dir() / "models" / f"{config['model']}-{config['dataset']}"

@@ -43,8 +43,13 @@ PROFILES: dict[str, LinkProfile] = {
 }
 
 
-def profile(name: str = "loopback", *, bandwidth_mbps: float | None = None, rtt_ms: float | None = None,
-            jitter_ms: float | None = None) -> LinkProfile:
+def profile(
+    name: str = "loopback",
+    *,
+    bandwidth_mbps: float | None = None,
+    rtt_ms: float | None = None,
+    jitter_ms: float | None = None,
+) -> LinkProfile:
     """A named profile, with any of its three numbers overridden."""
     if name not in PROFILES:
         raise KeyError(f"unknown link profile {name!r}; profiles: {', '.join(PROFILES)}")

@@ -18,11 +18,11 @@ from splitleak import manifest
 FORWARDS_OPTIONS = True
 
 
-def start_cloud(models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0) -> tuple[
-        subprocess.Popen, int]:
+def start_cloud(
+    models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen, int]:
     """Start `splitleak cloud --port 0` and wait for the port it prints."""
-    cmd = [sys.executable, "-m", "splitleak.cli", "cloud", "--port", "0", "--models", *map(str, models),
-           *(extra or [])]
+    cmd = [sys.executable, "-m", "splitleak.cli", "cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # the cloud prints its address once it listens
     match = re.search(r"listening on [\d.]+:(\d+)", line)
@@ -44,8 +44,12 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=manifest.DEFAULT_MODEL_DIR,
-                        help="an exported model folder (default: the shipped ResNet-20 on CIFAR-10)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=manifest.DEFAULT_MODEL_DIR,
+        help="an exported model folder (default: the shipped ResNet-20 on CIFAR-10)",
+    )
     parser.epilog = "Every other option is passed to `splitleak device` (see splitleak device --help)."
     return parser
 
@@ -54,8 +58,17 @@ def main(args: argparse.Namespace) -> int:
     cloud, port = start_cloud([args.models])
     print(f"cloud process {cloud.pid} listening on 127.0.0.1:{port}", flush=True)
     try:
-        cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{port}",
-               "--model-dir", str(args.models), *args.forward]
+        cmd = [
+            sys.executable,
+            "-m",
+            "splitleak.cli",
+            "device",
+            "--cloud",
+            f"127.0.0.1:{port}",
+            "--model-dir",
+            str(args.models),
+            *args.forward,
+        ]
         return subprocess.run(cmd).returncode
     finally:
         stop(cloud)

@@ -73,14 +73,25 @@ def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manife
     raw = json.loads(path.read_text())
     splits = {}
     for name, s in raw["splits"].items():
-        split = Split(name, root / s["head"], root / s["tail"], tuple(s["activation"]["shape"]),
-                      s["activation"]["datatype"])
+        split = Split(
+            name, root / s["head"], root / s["tail"], tuple(s["activation"]["shape"]), s["activation"]["datatype"]
+        )
         if verify:
             for part in ("head", "tail"):
                 if sha256(getattr(split, part)) != s["sha256"][part]:
                     raise ValueError(f"{getattr(split, part)} does not match the sha256 in {path}")
         splits[name] = split
     inp = raw["input"]
-    return Manifest(root, raw["name"], raw["model"], raw["dataset"], tuple(raw["classes"]), tuple(inp["shape"]),
-                    np.asarray(inp["mean"], np.float32), np.asarray(inp["std"], np.float32),
-                    raw.get("test_accuracy"), raw["default_split"], splits)
+    return Manifest(
+        root,
+        raw["name"],
+        raw["model"],
+        raw["dataset"],
+        tuple(raw["classes"]),
+        tuple(inp["shape"]),
+        np.asarray(inp["mean"], np.float32),
+        np.asarray(inp["std"], np.float32),
+        raw.get("test_accuracy"),
+        raw["default_split"],
+        splits,
+    )

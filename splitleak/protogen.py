@@ -19,9 +19,15 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     from grpc_tools import protoc  # a dev dependency: only needed to regenerate
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-Isplitleak/protos={PROTO_DIR}", f"-I{protoc._get_resource_file_name('grpc_tools', '_proto')}",
-                f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
-                "splitleak/protos/inference.proto"]
+        args = [
+            "protoc",
+            f"-Isplitleak/protos={PROTO_DIR}",
+            f"-I{protoc._get_resource_file_name('grpc_tools', '_proto')}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            "splitleak/protos/inference.proto",
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,10 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Te
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
-    correct = sum((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
+    correct = sum(
+        (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
     return correct / len(x)
 
 
@@ -80,20 +82,21 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     x_test, y_test = to_tensor(test_set.images, mean, std), torch.from_numpy(test_set.labels)
 
     model = zoo.build(config.model, num_classes=len(train_set.classes), in_channels=x_train.shape[1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
     steps_per_epoch = -(-len(x_train) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     # A quarter of the run warms up; tiny runs (tests) still need two warm-up steps for the schedule to exist.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total_steps,
-                                                   pct_start=max(0.25, 2 / total_steps))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.lr, total_steps=total_steps, pct_start=max(0.25, 2 / total_steps)
+    )
     history = []
     start = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             logits = model(augment(x_train[idx], generator, config.flip))
@@ -112,8 +115,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         "config": asdict(config),
         "state_dict": model.state_dict(),
         "classes": list(train_set.classes),
-        "input": {"size": int(x_train.shape[2]), "channels": int(x_train.shape[1]),
-                  "mean": mean.tolist(), "std": std.tolist()},
+        "input": {
+            "size": int(x_train.shape[2]),
+            "channels": int(x_train.shape[1]),
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+        },
         "test_accuracy": history[-1]["test_accuracy"],
         "test_images": len(x_test),
         "history": history,
@@ -127,8 +134,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
 
 def load_model(checkpoint: dict) -> torch.nn.Sequential:
     config = checkpoint["config"]
-    model = zoo.build(config["model"], num_classes=len(checkpoint["classes"]),
-                      in_channels=checkpoint["input"]["channels"])
+    model = zoo.build(
+        config["model"], num_classes=len(checkpoint["classes"]), in_channels=checkpoint["input"]["channels"]
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -148,11 +156,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, limit=args.limit, flip=not args.no_flip, seed=args.seed)
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        limit=args.limit,
+        flip=not args.no_flip,
+        seed=args.seed,
+    )
     checkpoint = train(config)
     seconds = checkpoint["history"][-1]["seconds"]
-    print(f"{config.model} on {config.dataset}: test accuracy {checkpoint['test_accuracy']:.4f} "
-          f"on {checkpoint['test_images']} images after {config.epochs} epochs ({seconds / 60:.1f} min)")
+    print(
+        f"{config.model} on {config.dataset}: test accuracy {checkpoint['test_accuracy']:.4f} "
+        f"on {checkpoint['test_images']} images after {config.epochs} epochs ({seconds / 60:.1f} min)"
+    )
     print(f"checkpoint: {checkpoint['path']}")
     return 0

@@ -13,9 +13,9 @@ The head is every block up to and including the split point; the tail is the res
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -133,8 +133,10 @@ def _load_pretrained(model: nn.Module, weights) -> None:
     state = _cached_torchvision_weights(weights)
     if state is None:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise FileNotFoundError(f"pretrained weights not found at {cache}; splitleak never downloads them: "
-                                f"fetch {weights.url} there yourself")
+        raise FileNotFoundError(
+            f"pretrained weights not found at {cache}; splitleak never downloads them: "
+            f"fetch {weights.url} there yourself"
+        )
     model.load_state_dict(state)
 
 

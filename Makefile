@@ -1,0 +1,26 @@
+# Every job installs what it needs first: `make run` or `make test` on a fresh clone is all a user types.
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+.PHONY: install run test bench lint protos
+install: $(BIN)/.installed
+
+run: install  ## the cloud and the device as two processes, 200 frames, per-stage latency
+	$(BIN)/splitleak run
+
+test: install  ## the whole suite: real processes, real gRPC, real data from ../shared/datasets
+	$(BIN)/pytest
+
+bench: install  ## the benchmarks in bench/, side by side against their baselines
+	$(BIN)/pytest bench --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+protos: install  ## regenerate protos/*_pb2*.py from protos/inference.proto
+	$(BIN)/python -m splitleak.protogen

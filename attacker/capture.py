@@ -1,0 +1,277 @@
+"""The capture: what a tap on the channel keeps, in one format that both taps write and every attack reads.
+
+A capture is a folder:
+
+- `meta.json`: `{"format": "splitleak-capture", "version": 1, "tap": "proxy" | "cloud", "created": ISO 8601 time,
+  "cloud": the cloud's HOST:PORT (or null), "dataset": the data set the device's frames come from when the
+  simulation knows it (or null), ...}`; on a clean close the writer adds `records` (how many it wrote) and the tap's
+  counters, such as `dropped` (requests the tap let pass without keeping a copy because its queue was full).
+- `requests.bin`: the requests, one record each, in the order the tap saw them. A record is a little-endian
+  `uint32` length `n`, an `int64` `captured_ns` (wall clock, ns, when the tap saw the request), then `n` bytes: the
+  serialized `inference.ModelInferRequest` (protos/inference.proto) exactly as the tap holds it, so anything that
+  reads the Open Inference Protocol reads the payload. The split facts (`split_point`, `frame_id`, ...) are in its
+  `parameters`; see splitleak.codec.
+
+The writer flushes every record, so a reader of a live capture, or of one whose tap crashed, loses at most the last
+record, which `read` recognises as cut short and leaves out.
+
+`frame_id` is the frame's index in the test split of `meta["dataset"]`, which is how `Capture.originals` finds the
+private input behind each activation, the ground truth an attack is scored against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from splitleak import codec, data
+from splitleak.manifest import Manifest
+from splitleak.protos import inference_pb2 as pb
+
+FORMAT = "splitleak-capture"
+VERSION = 1
+TAPS = ("proxy", "cloud")
+RECORD_HEADER = struct.Struct("<Iq")  # length of the request in bytes, captured_ns
+
+# Called with every captured request (serialized ModelInferRequest) and the wall clock (ns) when the tap saw it.
+OnCapture = Callable[[bytes, int], None]
+
+
+class CaptureWriter:
+    """Writes a capture folder; one writer per capture, used from one thread (CaptureSink's)."""
+
+    def __init__(self, path: str | Path, *, tap: str, dataset: str | None, cloud: str | None) -> None:
+        if tap not in TAPS:
+            raise ValueError(f"unknown tap {tap!r}; taps: {', '.join(TAPS)}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Refuse to append to an old capture: its meta would describe the wrong run.
+        try:
+            self._file = open(self.path / "requests.bin", "xb")
+        except FileExistsError:
+            raise FileExistsError(f"{self.path} already holds a capture (requests.bin); pick another folder") from None
+        self.meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "tap": tap,
+            "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "cloud": cloud,
+            "dataset": dataset,
+        }
+        self.records = 0
+        self._write_meta()
+
+    def write(self, request_bytes: bytes, captured_ns: int) -> None:
+        try:
+            self._file.write(RECORD_HEADER.pack(len(request_bytes), captured_ns))
+            self._file.write(request_bytes)
+            self._file.flush()
+        except BaseException:
+            # A half-written record must stay the last one, or every record after it would be misread.
+            self._file.close()
+            raise
+        self.records += 1
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.close()
+        self.meta["records"] = self.records
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        # Replaced whole, never rewritten in place, so a reader never sees half a file.
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=1) + "\n")
+        os.replace(tmp, self.path / "meta.json")
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CaptureSink:
+    """A bounded queue between a tap and its consumers (a CaptureWriter, callbacks), drained by one thread.
+
+    `put` never blocks: the tap sits on the path of every request, so when the consumers fall behind and the queue
+    is full the copy is dropped and counted, and the request itself goes on as if nobody had looked.
+    """
+
+    def __init__(
+        self, writer: CaptureWriter | None = None, *, maxsize: int = 1024, on_capture: list[OnCapture] | None = None
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        self.writer = writer
+        self.callbacks: list[OnCapture] = list(on_capture or [])
+        self.captured = 0  # handed to every consumer
+        self.dropped = 0  # not kept: the queue was full
+        self.errors = 0  # a consumer raised; the others still got the request
+        self.last_error: Exception | None = None
+        self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue(maxsize=maxsize)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name="capture-sink", daemon=True)
+        self._thread.start()
+
+    def subscribe(self, callback: OnCapture) -> None:
+        """Also hand every request captured from now on to `callback` (on the sink's thread: keep it quick)."""
+        self.callbacks.append(callback)
+
+    def put(self, request_bytes: bytes, captured_ns: int) -> bool:
+        """Queue a copy for the consumers; False if it was dropped because the queue is full."""
+        try:
+            self._queue.put_nowait((request_bytes, captured_ns))
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+            return False
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"captured": self.captured, "dropped": self.dropped, "errors": self.errors}
+
+    def close(self) -> None:
+        """Hand the consumers what is queued, stop the thread, and close the writer (with the counters in meta)."""
+        if self._thread.is_alive():
+            self._queue.put(None)  # after everything queued; blocks only until there is room
+            self._thread.join()
+        if self.writer is not None:
+            self.writer.meta.update(dropped=self.dropped, errors=self.errors)
+            self.writer.close()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            consumers = ([self.writer.write] if self.writer is not None else []) + self.callbacks
+            for consume in consumers:
+                try:
+                    consume(*item)
+                except Exception as e:  # noqa: BLE001 - one failing consumer must not stop the others
+                    self.errors += 1
+                    self.last_error = e
+            self.captured += 1
+
+    def __enter__(self) -> CaptureSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class CapturedRequest:
+    captured_ns: int
+    model_name: str
+    split_point: str | None
+    frame_id: int | None
+    activation: np.ndarray  # batch-first, as sent
+
+
+@dataclass
+class Capture:
+    path: Path
+    meta: dict  # meta.json, plus `skipped` (requests whose tensors do not decode) and `truncated` (a cut last record)
+    records: list[CapturedRequest]
+
+    def models(self) -> list[str]:
+        return sorted({r.model_name for r in self.records})
+
+    def activations(self, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(frame_ids (N,), activations (N, ...)) of every request to `model_name`, batches concatenated.
+
+        A frame id is -1 where the request carries none, and for every row of a batch larger than one, since one
+        `frame_id` cannot name several frames. Requests whose per-frame shape or dtype differs from that of most
+        requests (which the cloud rejects anyway) are left out, so the rows stack."""
+        records = [r for r in self.records if r.model_name == model_name]
+        if not records:
+            raise KeyError(f"{self.path} has no requests for {model_name!r}; models: {', '.join(self.models())}")
+        kinds = Counter((r.activation.shape[1:], r.activation.dtype) for r in records)
+        kind = kinds.most_common(1)[0][0]
+        records = [r for r in records if (r.activation.shape[1:], r.activation.dtype) == kind]
+        rows = [len(r.activation) for r in records]
+        ids = [-1 if r.frame_id is None or n != 1 else r.frame_id for r, n in zip(records, rows, strict=True)]
+        frame_ids = np.repeat(np.array(ids, np.int64), rows)
+        return frame_ids, np.concatenate([r.activation for r in records])
+
+    def originals(self, frame_ids: np.ndarray, manifest: Manifest) -> np.ndarray:
+        """The private frames behind `frame_ids`, as the device's head saw them: uint8 (N, H, W, C)."""
+        dataset = self.meta.get("dataset")
+        if dataset is None:
+            raise ValueError(
+                f"{self.path} does not say which data set its frames come from (meta.json has no "
+                "dataset): capture with --dataset NAME to score an attack against the originals"
+            )
+        frame_ids = np.asarray(frame_ids, np.int64)
+        if (frame_ids < 0).any():
+            raise ValueError(
+                f"{int((frame_ids < 0).sum())} frame ids are -1 (the request named no single frame); "
+                "leave those rows out before asking for originals"
+            )
+        ds = data.load(dataset, "test")
+        channels, size = manifest.input_shape[0], manifest.input_shape[1]
+        return data.resize(ds.images[frame_ids], size, channels)
+
+
+def _split(buffer: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The whole records in the contents of `requests.bin`, as (captured_ns, request bytes), and where they end."""
+    records, offset = [], 0
+    while offset + RECORD_HEADER.size <= len(buffer):
+        length, captured_ns = RECORD_HEADER.unpack_from(buffer, offset)
+        end = offset + RECORD_HEADER.size + length
+        if end > len(buffer):
+            break
+        records.append((captured_ns, buffer[end - length : end]))
+        offset = end
+    return records, offset
+
+
+def read(path: str | Path) -> Capture:
+    """Read a capture, live or finished; a cut-short last record and requests that do not decode are left out."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path} is not a version {VERSION} {FORMAT} (meta.json says {meta.get('format')!r} "
+            f"version {meta.get('version')!r})"
+        )
+    buffer = (path / "requests.bin").read_bytes()
+    raw, end = _split(buffer)
+    records, skipped = [], 0
+    for captured_ns, request_bytes in raw:
+        try:
+            request = pb.ModelInferRequest.FromString(request_bytes)
+            tensors = codec.decode_request(request)
+        except (DecodeError, codec.CodecError):
+            skipped += 1
+            continue
+        if not tensors:
+            skipped += 1
+            continue
+        params = codec.get_parameters(request.parameters)
+        split_point, frame_id = params.get("split_point"), params.get("frame_id")
+        # The cloud's tails take one input named `activation`; a stock OIP request's first input stands in for it.
+        activation = tensors.get("activation", next(iter(tensors.values())))
+        records.append(
+            CapturedRequest(
+                captured_ns,
+                request.model_name,
+                None if split_point is None else str(split_point),
+                None if frame_id is None else int(frame_id),
+                activation,
+            )
+        )
+    meta.update(skipped=skipped, truncated=end < len(buffer))
+    return Capture(path, meta, records)

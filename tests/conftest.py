@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny model trained and exported once per session, and a real cloud process on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from splitleak import data
+
+SHARED = data.data_root()
+needs_shared = pytest.mark.skipif(
+    SHARED is None or not (SHARED / "cifar10" / "test.npz").exists(),
+    reason="../shared/datasets (or $SPLITLEAK_DATA) with cifar10 is not here",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Tests train and export into a cache of their own, never the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["SPLITLEAK_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(isolated_cache) -> dict:
+    """ResNet-20 trained for 2 epochs on 2,000 CIFAR-10 images: about 15 s, well above chance."""
+    if SHARED is None:
+        pytest.skip("needs ../shared/datasets")
+    from splitleak.train import TrainConfig, train
+
+    return train(TrainConfig(model="resnet20", dataset="cifar10", epochs=2, limit=2000, lr=0.1), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    from splitleak.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-resnet20")
+    export_checkpoint(tiny_checkpoint, out)
+    return out
+
+
+@pytest.fixture
+def cloud(tiny_model_dir):
+    """A real `splitleak cloud` process serving the tiny model; yields its port."""
+    from splitleak.local import start_cloud, stop
+
+    proc, port = start_cloud([tiny_model_dir])
+    yield port
+    stop(proc)
