@@ -9,50 +9,20 @@ Both routes are measured in the same run; the proxied one reports `ratio` (its m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from splitleak import codec, manifest, transport
+from splitleak import codec, transport
 from splitleak.attacker import proxy
 from splitleak.device.client import Head
 from splitleak.local import start_cloud, stop
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
-MODEL_DIR = manifest.DEFAULT_MODEL_DIR  # the shipped model; a random-init ResNet-20 is exported when it is absent
 SPLIT = None  # None: the model's default split point
 ROUNDS = 500
 WARMUP_ROUNDS = 50
 SEED = 0
-
-medians: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    if (MODEL_DIR / "manifest.json").exists():
-        return MODEL_DIR
-    # Timing does not depend on the weights, so untrained ones do: no training run, no data set needed.
-    from splitleak import export, zoo
-
-    out = tmp_path_factory.mktemp("resnet20-random")
-    entry = zoo.ZOO["resnet20"]
-    export.export(
-        zoo.build("resnet20"),
-        out,
-        name="resnet20-cifar10",
-        model_name="resnet20",
-        dataset="cifar10",
-        classes=[str(i) for i in range(10)],
-        input_shape=(3, 32, 32),
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        split_points=entry.split_points,
-        default_split=entry.default_split,
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +45,10 @@ def frame_request(model_dir) -> pb.ModelInferRequest:
 
 
 @pytest.mark.parametrize("route", ["direct", "proxy"])
-def test_round_trip_of_one_frame(benchmark, routes, frame_request, route):
+def test_round_trip_of_one_frame(benchmark, ratios, routes, frame_request, route):
     benchmark.group = "ModelInfer round trip, one frame"
     with transport.channel(f"127.0.0.1:{routes[route]}") as channel:
         infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         infer(frame_request, wait_for_ready=True)  # connected before the clock starts
         benchmark.pedantic(infer, args=(frame_request,), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-    if benchmark.stats is None:  # --benchmark-disable (the default in pyproject) runs it once, untimed
-        return
-    medians[route] = benchmark.stats.stats.median
-    if route == "proxy" and "direct" in medians:
-        ratio = medians["proxy"] / medians["direct"]
-        benchmark.extra_info["ratio"] = round(ratio, 3)
-        print(
-            f"\nround trip: direct {medians['direct'] * 1e3:.3f} ms, through the proxy "
-            f"{medians['proxy'] * 1e3:.3f} ms (median of {ROUNDS}): ratio {ratio:.2f}"
-        )
+    ratios.record(benchmark, f"round trip {route}", baseline=None if route == "direct" else "round trip direct")
