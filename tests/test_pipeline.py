@@ -120,3 +120,29 @@ def test_splitleak_run_starts_both_processes_on_the_shipped_model():
     )
     assert done.returncode == 0, done.stderr
     assert "frames: 20 (0 errors)" in done.stdout and "total" in done.stdout
+
+
+@needs_shared
+def test_two_devices_stream_to_one_cloud_at_the_same_time(cloud, tiny_model_dir, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitleak.cli",
+        "device",
+        "--cloud",
+        f"127.0.0.1:{cloud}",
+        "--model-dir",
+        str(tiny_model_dir),
+        "--dataset",
+        "cifar10",
+        "--limit",
+        "60",
+    ]
+    outs = [tmp_path / f"device{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen([*cmd, "--split", split, "--json", str(out)], stdout=subprocess.DEVNULL)
+        for split, out in zip(("stem", "layer3"), outs, strict=True)
+    ]
+    assert [p.wait(300) for p in procs] == [0, 0]
+    stem, layer3 = ([f["prediction"] for f in json.loads(out.read_text())["frames"]] for out in outs)
+    assert stem == layer3  # the same frames (same seed), the same model, split at two points

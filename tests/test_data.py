@@ -1,0 +1,77 @@
+"""Data sets load by name as numpy arrays; the embedded ones need neither network nor data root."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import needs_shared
+from PIL import Image
+
+from splitleak import data, manifest
+
+
+def test_embedded_photos_and_faces_load_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPLITLEAK_DATA", str(tmp_path / "nowhere"))
+    photos = data.load("embedded")
+    assert photos.images.shape == (45, 32, 32, 3) and photos.images.dtype == np.uint8
+    assert photos.classes[photos.labels[0]] == "cat"  # scikit-image's chelsea
+    faces = data.load("embedded-faces")
+    assert faces.images.shape == (200, 25, 25, 1) and set(faces.labels) == {0, 1}
+    assert data.default_dataset() == "embedded"
+
+
+@needs_shared
+def test_shared_npz_sets_load_with_their_classes():
+    cifar = data.load("cifar10", "test")
+    assert cifar.images.shape == (10000, 32, 32, 3) and cifar.classes[0] == "airplane"
+    assert data.load("mnist", "test").images.shape == (10000, 28, 28, 1)
+
+
+def test_an_image_folder_loads_one_class_per_sub_folder(tmp_path):
+    for cls, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40 + i, 40), colour).save(tmp_path / cls / f"{i}.png")
+    ds = data.load(f"imagefolder:{tmp_path}")
+    assert ds.classes == ("blue", "red") and ds.images.shape == (6, 40, 40, 3)
+    assert (ds.images[ds.labels == 1][..., 0] == 255).all()
+
+
+def test_a_missing_data_set_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPLITLEAK_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="set SPLITLEAK_DATA"):
+        data.load("cifar100")
+
+
+def test_resize_crops_to_a_square_and_converts_channels():
+    images = np.zeros((2, 40, 60, 3), np.uint8)
+    images[:, :, 10:50] = 200  # the centre square
+    out = data.resize(images, 16, 1)
+    assert out.shape == (2, 16, 16, 1) and (out == 200).all()
+
+
+@needs_shared
+def test_train_and_export_from_the_command_line_on_greyscale_digits(tmp_path):
+    run = [sys.executable, "-m", "splitleak.cli"]
+    trained = subprocess.run(
+        [*run, "train", "--model", "resnet20", "--dataset", "mnist", "--epochs", "1", "--limit", "600", "--no-flip"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "resnet20 on mnist: test accuracy" in trained.stdout
+    exported = subprocess.run(
+        [*run, "export", "--model", "resnet20", "--dataset", "mnist", "--limit", "600", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert exported.returncode == 0, exported.stderr
+    m = manifest.load(tmp_path)
+    assert (
+        m.input_shape == (1, 28, 28)
+        and m.classes[0].startswith("0")
+        and list(m.splits) == ["stem", "layer1", "layer2", "layer3"]
+    )
