@@ -1,9 +1,12 @@
 """The cloud (`splitleak cloud`): serves the tail of every exported split as an Open Inference Protocol model.
 
 Each split S of an exported model NAME is the OIP model `NAME.S`: one input `activation` (the head's output, batch
-first) and one output `logits`, run with ONNX Runtime. Every request is checked before it runs, and a bad one gets a
-status that says what was expected: unknown model NOT_FOUND; wrong tensor name, datatype, shape or byte length
-INVALID_ARGUMENT; a batch or message over the limits RESOURCE_EXHAUSTED. On a stream (Triton's ModelStreamInfer) an
+first) and one output `logits`, run with ONNX Runtime. The activation may also arrive in a defended form (FP16,
+quantised UINT8 levels with their `scale` and `zero_point`, or only some channels with their indices): the cloud
+restores it to FP32 with splitleak.defences.restore, the same module the device's defences come from. Every request
+is checked before it runs, and a bad one gets a status that says what was expected: unknown model NOT_FOUND; wrong
+tensor name, datatype, shape, byte length or quantisation parameters INVALID_ARGUMENT; a batch or message over the
+limits RESOURCE_EXHAUSTED. On a stream (Triton's ModelStreamInfer) an
 error is answered in-band in `error_message` and the stream goes on. On SIGTERM the cloud stops taking new work,
 finishes what is in flight, and exits.
 """
@@ -26,7 +29,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
-from splitleak import codec, manifest, transport
+from splitleak import codec, defences, manifest, transport
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -77,26 +80,24 @@ class Tail:
     def expected(self) -> str:
         return (
             f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, "
-            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents"
+            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents, or a defended form: "
+            f"{defences.forms(self.activation_shape)}"
         )
 
     def validate(self, request: pb.ModelInferRequest) -> None:
-        if len(request.inputs) != 1 or request.inputs[0].name != "activation":
+        """What can be checked before the tensors are read; `restore` checks the rest of the form."""
+        names = [t.name for t in request.inputs]
+        if "activation" not in names or len(set(names)) != len(names) or not set(names) <= set(defences.INPUTS):
             raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.name}: got inputs {[t.name for t in request.inputs]}; expected {self.expected()}",
+                grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: got inputs {names}; expected {self.expected()}"
             )
-        tensor = request.inputs[0]
-        if tensor.datatype != self.activation_datatype:
+        tensor = request.inputs[names.index("activation")]
+        if tensor.datatype not in defences.DATATYPES:
             raise InferError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.name}: got datatype {tensor.datatype!r}; expected {self.expected()}",
             )
-        if (
-            len(tensor.shape) != 1 + len(self.activation_shape)
-            or tuple(tensor.shape[1:]) != self.activation_shape
-            or tensor.shape[0] < 1
-        ):
+        if len(tensor.shape) < 2 or tensor.shape[0] < 1:
             raise InferError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.name}: got shape {list(tensor.shape)}; expected {self.expected()}",
@@ -183,8 +184,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(request.model_name, request.model_version))
         tail.validate(request)
         try:
-            activation = codec.decode_request(request)["activation"]
-        except codec.CodecError as e:
+            activation = defences.restore(
+                codec.decode_request(request),
+                codec.get_parameters(request.parameters),
+                shape=tail.activation_shape,
+            )
+        except (codec.CodecError, defences.RestoreError) as e:
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
         for observe in self.observers:
             observe(request, recv_ns)

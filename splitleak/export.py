@@ -2,6 +2,11 @@
 
 Both halves take a dynamic batch dimension. The head's input is `image` (normalised float32, NCHW) and its output
 `activation`; the tail takes `activation` and returns `logits`. See splitleak.manifest for the folder's layout.
+
+Given training images, each split is also calibrated for the run-time defences (splitleak.defences) on the exported
+ONNX files themselves, so the numbers describe exactly what ships: the activation's reference std, and a channel
+ranking from zeroing one channel at a time and measuring how far the tail's prediction moves (the mean KL divergence
+from the intact prediction). Zeroing every channel runs the tail C times; 128 images keep that to seconds.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 
 from splitleak import data, manifest, zoo
-from splitleak.train import TrainConfig, checkpoint_path, load_model
+from splitleak.train import TrainConfig, checkpoint_path, load_model, to_tensor
 
 OPSET = 18
+CALIBRATION_IMAGES = 128
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
@@ -39,6 +47,33 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
         )
 
 
+def calibrate(head: Path, tail: Path, images: np.ndarray) -> dict:
+    """What the defences need to know about one split, from normalised float32 images (N, C, H, W)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    run_head, run_tail = (
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for path in (head, tail)
+    )
+    activation = run_head.run(["activation"], {"image": images})[0]  # (N, C, ...)
+
+    def log_probs(a: np.ndarray) -> np.ndarray:
+        logits = run_tail.run(["logits"], {"activation": a})[0].astype(np.float64)
+        return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+    intact = log_probs(activation)
+    divergence = []
+    for c in range(activation.shape[1]):
+        kept = activation[:, c].copy()
+        activation[:, c] = 0
+        divergence.append(float(np.mean(np.sum(np.exp(intact) * (intact - log_probs(activation)), axis=1))))
+        activation[:, c] = kept
+    return {
+        "reference_std": float(activation.std()),
+        "channel_ranking": np.argsort(-np.array(divergence), kind="stable").tolist(),
+        "channel_kl": [round(d, 6) for d in divergence],
+    }
+
+
 @torch.no_grad()
 def export(
     model: torch.nn.Sequential,
@@ -54,8 +89,13 @@ def export(
     split_points: tuple[str, ...],
     default_split: str,
     test_accuracy: float | None = None,
+    calibration_images: np.ndarray | None = None,
+    calibration_source: str | None = None,
 ) -> dict:
-    """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest."""
+    """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest.
+
+    `calibration_images` (normalised float32, NCHW), from `calibration_source`, calibrate every split for the
+    defences; without them the manifest has no calibration and the defences that need it refuse this model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     example = torch.zeros(2, *input_shape)
@@ -71,6 +111,10 @@ def export(
             "activation": {"name": "activation", "shape": list(activation.shape[1:]), "datatype": "FP32"},
             "sha256": {part: manifest.sha256(out_dir / f) for part, f in files.items()},
         }
+        if calibration_images is not None:
+            splits[split_point]["calibration"] = calibrate(
+                out_dir / files["head"], out_dir / files["tail"], calibration_images
+            )
     doc = {
         "name": name,
         "model": model_name,
@@ -88,16 +132,32 @@ def export(
             "note": "x = (pixel / 255 - mean) / std, per channel",
         },
         "output": {"name": "logits", "shape": [len(classes)], "datatype": "FP32"},
+        "calibration": None
+        if calibration_images is None
+        else {"source": calibration_source, "images": len(calibration_images)},
         "splits": splits,
     }
     (out_dir / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
 
-def export_checkpoint(checkpoint: dict, out_dir: Path) -> dict:
+def export_checkpoint(checkpoint: dict, out_dir: Path, *, calibration_images: int = CALIBRATION_IMAGES) -> dict:
+    """Export a checkpoint, calibrated on `calibration_images` of its training split when that split can be loaded."""
     config = checkpoint["config"]
     entry = zoo.ZOO[config["model"]]
     inp = checkpoint["input"]
+    images, source = None, None
+    if calibration_images > 0:
+        try:
+            train = data.load(config["dataset"], "train")
+        except FileNotFoundError:
+            train = None
+        if train is not None:
+            # Seeded, and drawn across the whole split because the shared data sets are stored grouped by class.
+            pick = np.random.default_rng(0).permutation(len(train))[:calibration_images]
+            mean, std = (np.asarray(inp[k], np.float32) for k in ("mean", "std"))
+            images = to_tensor(train.images[pick], mean, std).numpy()
+            source = f"{config['dataset']} (train)"
     return export(
         load_model(checkpoint),
         out_dir,
@@ -111,6 +171,8 @@ def export_checkpoint(checkpoint: dict, out_dir: Path) -> dict:
         split_points=entry.split_points,
         default_split=entry.default_split,
         test_accuracy=checkpoint["test_accuracy"],
+        calibration_images=images,
+        calibration_source=source,
     )
 
 
@@ -121,6 +183,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="default: the one `splitleak train` cached for model and data")
     parser.add_argument("--limit", type=int, help="the --limit the checkpoint was trained with, if any")
     parser.add_argument("--out", type=Path, help="default: CACHE/models/MODEL-DATASET")
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help="training images that calibrate the defences (reference std, channel ranking); 0: none",
+    )
     return parser
 
 
@@ -133,6 +201,10 @@ def main(args: argparse.Namespace) -> int:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
     out = args.out or data.cache_dir() / "models" / f"{config['model']}-{config['dataset']}"
-    doc = export_checkpoint(checkpoint, out)
+    doc = export_checkpoint(checkpoint, out, calibration_images=args.calibration_images)
     print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")
+    if doc["calibration"] is None:
+        print("not calibrated for defences (no training images): noise and topk will refuse this model")
+    else:
+        print(f"calibrated for defences on {doc['calibration']['images']} images of {doc['calibration']['source']}")
     return 0

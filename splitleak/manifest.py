@@ -2,7 +2,10 @@
 
 An exported model is a folder (written by `splitleak export`) holding, for every split point, `SPLIT.head.onnx` and
 `SPLIT.tail.onnx`, and `manifest.json` describing the input (size, normalisation), the activation at each split
-(shape, dtype, bytes) and the sha256 of every file, checked on load.
+(shape, dtype, bytes) and the sha256 of every file, checked on load. Where `splitleak export` had the training data,
+each split also holds the calibration the run-time defences need (splitleak.defences): `reference_std`, the std of
+the activation over calibration images, and `channel_ranking`, the channels from most to least important to the
+tail's prediction. A manifest without them still loads; only the defences that need them refuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Split:
     tail: Path
     activation_shape: tuple[int, ...]  # without the batch dimension
     activation_datatype: str  # an OIP datatype name
+    reference_std: float | None = None
+    channel_ranking: tuple[int, ...] | None = None  # most important first
 
     @property
     def activation_bytes(self) -> int:
@@ -73,8 +78,15 @@ def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manife
     raw = json.loads(path.read_text())
     splits = {}
     for name, s in raw["splits"].items():
+        calibration = s.get("calibration", {})
         split = Split(
-            name, root / s["head"], root / s["tail"], tuple(s["activation"]["shape"]), s["activation"]["datatype"]
+            name,
+            root / s["head"],
+            root / s["tail"],
+            tuple(s["activation"]["shape"]),
+            s["activation"]["datatype"],
+            calibration.get("reference_std"),
+            tuple(calibration["channel_ranking"]) if "channel_ranking" in calibration else None,
         )
         if verify:
             for part in ("head", "tail"):

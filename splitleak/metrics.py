@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("preprocess", "head", "encode", "uplink", "cloud", "downlink", "total")
+STAGES = ("preprocess", "head", "defence", "encode", "uplink", "cloud", "downlink", "total")
 
 
 def summarize(records: Sequence[dict]) -> dict:

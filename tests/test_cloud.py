@@ -56,9 +56,9 @@ def test_malformed_requests_get_clear_statuses_and_the_cloud_keeps_serving(stub,
     )
     assert_status(
         stub,
-        codec.encode_request(name, {"activation": np.ones((1, *shape), np.float16)}),
+        codec.encode_request(name, {"activation": np.ones((1, *shape), np.float64)}),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "got datatype 'FP16'; expected one input 'activation' of datatype FP32 and shape [-1, 32, 16, 16]",
+        "got datatype 'FP64'; expected one input 'activation' of datatype FP32 and shape [-1, 32, 16, 16]",
     )
     assert_status(
         stub,
