@@ -7,13 +7,20 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-.PHONY: install run test bench lint protos
+# The browser test drives Debian's Chromium (Playwright never downloads a browser here).
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+.PHONY: install run demo test bench lint protos
 install: $(BIN)/.installed
 
 run: install  ## the cloud and the device as two processes, 200 frames, per-stage latency
 	$(BIN)/splitleak run
 
-test: install  ## the whole suite: real processes, real gRPC, real data from ../shared/datasets
+demo: install  ## the live attack demo in the browser: prints the address to open
+	$(BIN)/splitleak demo
+
+test: install /usr/bin/chromium  ## the whole suite: real processes, real gRPC, real data, real Chromium
 	$(BIN)/pytest
 
 bench: install  ## the benchmarks in bench/, side by side against their baselines

@@ -1,7 +1,8 @@
 """The man in the middle (`splitleak attacker proxy`): relays device <-> cloud byte for byte, capturing each request.
 
 It listens where the device expects the cloud, forwards every RPC to the real cloud, and keeps a copy of every
-inference request in a capture (splitleak.attacker.capture).
+inference request in a capture (splitleak.attacker.capture), or sends it as it happens to a live consumer
+(splitleak.attacker.feed), or both.
 
 Each side gets what the other sent: messages are never parsed on the way through (the handlers take and return
 bytes); replies, status codes, details and metadata come back as the cloud sent them; the device's metadata (less
@@ -31,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitleak import transport
 from splitleak.attacker.capture import CaptureSink, CaptureWriter
+from splitleak.attacker.feed import FeedSender
 from splitleak.protos import inference_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -159,12 +161,22 @@ def _relay_error(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
 
 
 def start_process(
-    cloud: str, capture: Path, *, dataset: str | None = None, extra: list[str] | None = None, timeout_s: float = 60.0
+    cloud: str,
+    capture: Path | None,
+    *,
+    dataset: str | None = None,
+    extra: list[str] | None = None,
+    timeout_s: float = 60.0,
+    own_session: bool = False,
 ) -> tuple[subprocess.Popen, int]:
-    """Start `splitleak attacker proxy --listen-port 0` and wait for the port it prints (stop it with local.stop)."""
+    """Start `splitleak attacker proxy --listen-port 0` and wait for the port it prints (stop it with local.stop).
+
+    Without a capture folder, `extra` must say where else the captures go (`--feed HOST:PORT`). `own_session`: as
+    for splitleak.local.start_cloud."""
     cmd = [sys.executable, "-m", "splitleak.cli", "attacker", "proxy", "--listen-port", "0", "--cloud", cloud]
-    cmd += ["--capture", str(capture), *(["--dataset", dataset] if dataset else []), *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    cmd += [*(["--capture", str(capture)] if capture else []), *(["--dataset", dataset] if dataset else [])]
+    cmd += extra or []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=own_session)
     line = proc.stdout.readline()  # the proxy prints its address once it listens
     match = re.search(r"listening on [\d.]+:(\d+)", line)
     if match is None:
@@ -178,7 +190,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-port", type=int, default=8001, help="where the device connects; 0 picks a free one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the real cloud")
-    parser.add_argument("--capture", type=Path, required=True, help="capture folder to write (must not hold one)")
+    parser.add_argument("--capture", type=Path, help="capture folder to write (must not hold one)")
+    parser.add_argument(
+        "--feed", metavar="HOST:PORT", help="also send every captured request, as it happens, to a consumer there"
+    )
     parser.add_argument("--dataset", help="the data set the device's frames come from, if known (for scoring)")
     parser.add_argument("--queue", type=int, default=1024, help="requests waiting to be written before copies drop")
     parser.add_argument("--workers", type=int, default=16, help="concurrent RPCs (each open stream holds one)")
@@ -186,20 +201,32 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.capture is None and args.feed is None:
+        print("proxy: say where the captures go: --capture DIR, --feed HOST:PORT, or both", file=sys.stderr)
+        return 2
     try:
-        writer = CaptureWriter(args.capture, tap="proxy", dataset=args.dataset, cloud=args.cloud)
+        feed = args.feed and FeedSender(args.feed)
+    except OSError as e:
+        print(f"proxy: cannot feed {args.feed}: {e}", file=sys.stderr)
+        return 1
+    try:
+        writer = args.capture and CaptureWriter(args.capture, tap="proxy", dataset=args.dataset, cloud=args.cloud)
     except FileExistsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 1
-    sink = CaptureSink(writer, maxsize=args.queue)
+    sink = CaptureSink(writer, maxsize=args.queue, on_capture=[feed] if feed else None)
     proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, max_workers=args.workers)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     port = proxy.start()
-    print(f"proxy listening on {args.host}:{port} forwarding to {args.cloud}, capturing to {args.capture}", flush=True)
+    taps = [f"capturing to {args.capture}"] * bool(args.capture) + [f"feeding {args.feed}"] * bool(args.feed)
+    print(f"proxy listening on {args.host}:{port} forwarding to {args.cloud}, {' and '.join(taps)}", flush=True)
     stop.wait()
     proxy.stop()
     sink.close()
-    print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in proxy.stats.items()), file=sys.stderr, flush=True)
+    stats = proxy.stats | (feed.stats if feed else {})
+    if feed:
+        feed.close()
+    print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr, flush=True)
     return 0

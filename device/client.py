@@ -2,12 +2,20 @@
 
 What a phone has: ONNX Runtime, numpy and gRPC. This module never imports torch (a test holds it to that).
 
-Each frame goes through preprocess -> head -> encode on the device, then crosses the simulated uplink
+Each frame goes through preprocess -> head -> defence -> encode on the device, then crosses the simulated uplink
 (splitleak.link), is answered by the cloud over Triton's ModelStreamInfer stream, and crosses the simulated
 downlink back. With `--rate 0` (the default) one frame is in flight at a time, as fast as the round trip allows;
 with `--rate R` frames leave at R per second whether or not the answers are back, so a slow link queues them.
 
-Stage times: preprocess, head and encode are timed on the device; uplink is from the device handing the request
+The defence (`--defence NAME --strength S`, splitleak.defences; `none` by default) transforms the activation before
+it leaves the device, and its name and strength travel in every request: the cloud needs neither, but captures show
+what was applied, as an adaptive attacker would know it.
+
+Driven from outside (as `splitleak demo` drives it): `--loop` sends the frames again and again, `--max-rate` paces
+them like a camera, `--control -` takes split, link and defence changes between frames (see Control), and
+`--records -` writes each frame's record as a JSON line the moment its answer is back.
+
+Stage times: preprocess, head, defence and encode are timed on the device; uplink is from the device handing the request
 to the link until the cloud received it, cloud is what the cloud reports, downlink is from the cloud sending the
 answer until it arrived. Uplink and downlink compare the device's and the cloud's wall clocks, so they are exact
 only when both share a clock (the same machine, as in every run here) or are synchronised.
@@ -15,6 +23,7 @@ only when both share a clock (the same machine, as in every run here) or are syn
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import queue
@@ -27,7 +36,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from splitleak import codec, data, link, manifest, metrics, transport
+from splitleak import codec, data, defences, link, manifest, metrics, transport
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -95,6 +104,67 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
+class Control:
+    """Settings a running device takes from outside, between frames (`--control`).
+
+    One JSON object a line, with any of `split`, `link` (a profile name), `defence` and `strength`, e.g.
+    {"split": "layer2"} or {"defence": "gaussian", "strength": 0.5}. A line is applied whole before the next frame,
+    or not at all, and `report` hears which: {"control": the line, "error": null or why}. A strength alone keeps the
+    defence; a defence alone takes its default strength. When the lines end (the controller has gone), the device
+    stops as if interrupted.
+    """
+
+    SETTINGS = ("split", "link", "defence", "strength")
+
+    def __init__(
+        self, head: Head, defence: defences.Defence, profile: link.LinkProfile, *, threads: int = 1, report=None
+    ) -> None:
+        self.head, self.defence, self.profile = head, defence, profile
+        self.threads = threads
+        self.report = report or (lambda event: None)
+        self._heads = {head.split.name: head}  # a split's session is built once, when it is first asked for
+        self._lines: queue.Queue[str] = queue.Queue()
+
+    def listen(self, lines) -> None:
+        """Take changes from `lines` (such as sys.stdin) on a thread of their own."""
+
+        def read() -> None:
+            for line in lines:
+                if line.strip():
+                    self._lines.put(line)
+            _thread.interrupt_main()
+
+        threading.Thread(target=read, name="device-control", daemon=True).start()
+
+    def apply(self, uplink: link.Link, downlink: link.Link) -> tuple[Head, defences.Defence]:
+        """Apply what arrived since the last frame; returns the head and the defence for the next one."""
+        while not self._lines.empty():
+            line = self._lines.get()
+            try:
+                change = json.loads(line)
+                self._change(change)
+            except (ValueError, KeyError, TypeError) as e:
+                self.report({"control": line.strip(), "error": e.args[0] if isinstance(e, KeyError) else str(e)})
+            else:
+                self.report({"control": change, "error": None})
+        uplink.profile = downlink.profile = self.profile
+        return self.head, self.defence
+
+    def _change(self, change: dict) -> None:
+        if not isinstance(change, dict) or not change or set(change) - set(self.SETTINGS):
+            raise KeyError(f"expected a JSON object with any of {', '.join(self.SETTINGS)}; got {change!r}")
+        head = self.head
+        if "split" in change:
+            name = str(change["split"])
+            head = self._heads.get(name) or Head(self.head.manifest.root, name, self.threads)
+        profile = link.profile(change["link"]) if "link" in change else self.profile
+        name = change.get("defence", self.defence.name)
+        strength = change.get("strength", None if "defence" in change else self.defence.strength)
+        defence = defences.build(name, strength=strength, split=head.split)
+        self._heads[head.split.name] = head
+        self.head, self.profile, self.defence = head, profile, defence
+
+
 def stream(
     head: Head,
     stub: pb_grpc.GRPCInferenceServiceStub,
@@ -103,11 +173,18 @@ def stream(
     labels: np.ndarray,
     *,
     rate: float = 0.0,
+    max_rate: float = 0.0,
     link_profile: link.LinkProfile = link.PROFILES["loopback"],
+    defence: defences.Defence | None = None,
+    control: Control | None = None,
     seed: int = 0,
     on_record=None,
 ) -> list[dict]:
-    """Stream the frames through the head and the cloud; returns one record per frame."""
+    """Stream the frames through the head, the defence (none by default) and the cloud; one record per frame.
+
+    With `rate` 0, `max_rate` caps the frames a second. `control` may switch head, link and defence between frames."""
+    defence = defence or defences.build("none", split=head.split)
+    rng = np.random.default_rng(seed)  # the defence's randomness, reproducible per run
     uplink, downlink = link.Link(link_profile, seed), link.Link(link_profile, seed + 1)
     records: dict[str, dict] = {}
     outbox: queue.Queue = queue.Queue()
@@ -115,17 +192,26 @@ def stream(
     failure: list[BaseException] = []
 
     def produce() -> None:
+        nonlocal head, defence
         try:
             start = time.time()
+            next_frame = 0.0
             for i, (index, image, label) in enumerate(zip(indices, images, labels, strict=True)):
                 if rate > 0:
                     _sleep_until(start + i / rate)
                 else:
                     answered.acquire()
+                    _sleep_until(next_frame)  # --max-rate: a camera delivers so many frames a second, no more
+                    next_frame = time.time() + 1 / max_rate if max_rate > 0 else 0.0
+                if control is not None:
+                    head, defence = control.apply(uplink, downlink)
                 record = {
                     "frame": int(index),
                     "label": int(label),
                     "split": head.split.name,
+                    "link": uplink.profile.name,
+                    "defence": defence.name,
+                    "strength": defence.strength,
                     "start_ns": time.time_ns(),
                     "error": None,
                 }
@@ -134,19 +220,28 @@ def stream(
                 t1 = time.perf_counter()
                 activation = head.run(x)
                 t2 = time.perf_counter()
+                tensors, form = defence.apply(activation, rng)
+                t3 = time.perf_counter()
                 request = codec.encode_request(
                     head.served_name,
-                    {"activation": activation},
+                    tensors,
                     request_id=str(i),
-                    parameters={"split_point": head.split.name, "frame_id": int(index)},
+                    parameters={
+                        "split_point": head.split.name,
+                        "frame_id": int(index),
+                        "defence": defence.name,
+                        "defence_strength": defence.strength,
+                        **form,
+                    },
                 )
                 send_ns = time.time_ns()
                 codec.set_parameters(request.parameters, {"device_send_ns": send_ns})
-                t3 = time.perf_counter()
+                t4 = time.perf_counter()
                 record.update(
                     preprocess_ms=(t1 - t0) * 1e3,
                     head_ms=(t2 - t1) * 1e3,
-                    encode_ms=(t3 - t2) * 1e3,
+                    defence_ms=(t3 - t2) * 1e3,
+                    encode_ms=(t4 - t3) * 1e3,
                     bytes_up=request.ByteSize(),
                     device_send_ns=send_ns,
                 )
@@ -206,6 +301,19 @@ def stream(
     return done
 
 
+def json_lines(path: str):
+    """A writer of one JSON object a line to `path` ('-': stdout), flushed at once, safe to call from any thread."""
+    out = sys.stdout if path == "-" else open(path, "a")
+    lock = threading.Lock()
+
+    def write(obj: dict) -> None:
+        with lock:
+            out.write(json.dumps(obj) + "\n")
+            out.flush()
+
+    return write
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cloud", default="127.0.0.1:8001", metavar="HOST:PORT")
@@ -219,10 +327,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="default: cifar10 from the data root, else 'embedded'")
     parser.add_argument("--limit", type=int, default=200, help="frames to send")
     parser.add_argument("--rate", type=float, default=0.0, help="frames per second; 0: one in flight at a time")
+    parser.add_argument("--max-rate", type=float, default=0.0, help="with --rate 0: at most this many frames a second")
+    parser.add_argument("--loop", action="store_true", help="send the frames again and again until stopped")
+    parser.add_argument(
+        "--control",
+        metavar="FILE",
+        help="take split, link and defence changes as JSON lines from FILE ('-': stdin) between frames; "
+        "the device stops when FILE ends",
+    )
+    parser.add_argument("--records", metavar="FILE", help="write each frame's record as a JSON line ('-': stdout)")
     parser.add_argument("--link", default="loopback", choices=list(link.PROFILES), help="link profile")
     parser.add_argument("--bandwidth", type=float, help="override the profile's bandwidth, Mbit/s")
     parser.add_argument("--rtt", type=float, help="override the profile's round-trip time, ms")
     parser.add_argument("--jitter", type=float, help="override the profile's jitter (std of one-way delay), ms")
+    parser.add_argument(
+        "--defence",
+        default="none",
+        choices=list(defences.DEFENCES),
+        help="transform the activation before it leaves the device (see splitleak.defences)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="the defence's strength: "
+        + "; ".join(f"{name}: {cls.strength_means}" for name, cls in defences.DEFENCES.items() if name != "none"),
+    )
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the summary and every frame's record here")
@@ -231,19 +360,45 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     head = Head(args.model_dir, args.split, args.threads)
+    try:
+        defence = defences.build(args.defence, strength=args.strength, split=head.split)
+    except ValueError as e:
+        print(f"device: {e}", file=sys.stderr)
+        return 2
     profile = link.profile(args.link, bandwidth_mbps=args.bandwidth, rtt_ms=args.rtt, jitter_ms=args.jitter)
     dataset = args.dataset or data.default_dataset()
     indices, images, labels = load_frames(dataset, head.manifest, args.limit, args.seed)
+    emit = json_lines(args.records) if args.records else None
+    control = None
+    if args.control:
+        control = Control(head, defence, profile, threads=args.threads, report=emit)
+        control.listen(sys.stdin if args.control == "-" else open(args.control))
     with transport.channel(args.cloud) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             check_cloud(stub, head, args.cloud)
             print(
-                f"device: {len(indices)} frames of {dataset} through {head.served_name} over "
-                f"{profile.describe()} to {args.cloud}",
+                f"device: {len(indices)} frames of {dataset} through {head.served_name}, defence {defence.name} "
+                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud}",
                 flush=True,
             )
-            records = stream(head, stub, indices, images, labels, rate=args.rate, link_profile=profile, seed=args.seed)
+            while True:  # with --loop, the same frames again until stopped
+                records = stream(
+                    head,
+                    stub,
+                    indices,
+                    images,
+                    labels,
+                    rate=args.rate,
+                    max_rate=args.max_rate,
+                    link_profile=profile,
+                    defence=defence,
+                    control=control,
+                    seed=args.seed,
+                    on_record=emit,
+                )
+                if not args.loop:
+                    break
         except DeviceError as e:
             print(f"device: {e}", file=sys.stderr)
             return 1
@@ -257,6 +412,7 @@ def main(args: argparse.Namespace) -> int:
             "dataset": dataset,
             "link": profile.__dict__,
             "rate": args.rate,
+            "defence": {"name": defence.name, "strength": defence.strength},
         }
         args.json.write_text(json.dumps({"config": config, "summary": summary, "frames": records}, indent=1))
     return 0

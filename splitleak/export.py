@@ -156,7 +156,8 @@ def export_checkpoint(checkpoint: dict, out_dir: Path, *, calibration_images: in
             # Seeded, and drawn across the whole split because the shared data sets are stored grouped by class.
             pick = np.random.default_rng(0).permutation(len(train))[:calibration_images]
             mean, std = (np.asarray(inp[k], np.float32) for k in ("mean", "std"))
-            images = to_tensor(train.images[pick], mean, std).numpy()
+            # At the model's input size, as `splitleak train --size` trained it and the device sends it.
+            images = to_tensor(data.resize(train.images[pick], inp["size"], inp["channels"]), mean, std).numpy()
             source = f"{config['dataset']} (train)"
     return export(
         load_model(checkpoint),

@@ -19,11 +19,13 @@ FORWARDS_OPTIONS = True
 
 
 def start_cloud(
-    models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0
+    models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0, *, own_session: bool = False
 ) -> tuple[subprocess.Popen, int]:
-    """Start `splitleak cloud --port 0` and wait for the port it prints."""
+    """Start `splitleak cloud --port 0` and wait for the port it prints.
+
+    `own_session`: in a session of its own, so that a Ctrl-C meant for this process does not reach it (stop it)."""
     cmd = [sys.executable, "-m", "splitleak.cli", "cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=own_session)
     line = proc.stdout.readline()  # the cloud prints its address once it listens
     match = re.search(r"listening on [\d.]+:(\d+)", line)
     if match is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +30,15 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     limit: int | None = None  # train on the first N images only (tests)
+    size: int | None = None  # centre-crop and resize every image to size x size first (non-square sets: faces)
     flip: bool = True  # horizontal flips; off for data where left and right differ in meaning (digits)
     seed: int = 0
 
 
 def checkpoint_path(config: TrainConfig) -> Path:
     name = f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}"
-    return data.cache_dir() / "checkpoints" / (f"{name}-limit{config.limit}.pt" if config.limit else f"{name}.pt")
+    name += (f"-limit{config.limit}" if config.limit else "") + (f"-size{config.size}" if config.size else "")
+    return data.cache_dir() / "checkpoints" / f"{name}.pt"
 
 
 def to_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -76,6 +78,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         rng = np.random.default_rng(config.seed)
         train_set = train_set.take(rng.permutation(len(train_set))[: config.limit])
         test_set = test_set.take(rng.permutation(len(test_set))[: max(config.limit // 5, 100)])
+    if config.size:
+        # As the device does (data.resize), so that it sends what the model was trained on; the manifest and the
+        # exported halves take square inputs.
+        train_set, test_set = (
+            replace(s, images=data.resize(s.images, config.size, s.images.shape[3])) for s in (train_set, test_set)
+        )
     images = train_set.images.astype(np.float32) / 255
     mean, std = images.mean((0, 1, 2)), images.std((0, 1, 2))
     x_train, y_train = to_tensor(train_set.images, mean, std), torch.from_numpy(train_set.labels)
@@ -150,6 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--limit", type=int, default=None, help="train on this many images only")
+    parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (centre crop) first")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flips (for digits)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
@@ -163,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         limit=args.limit,
+        size=args.size,
         flip=not args.no_flip,
         seed=args.seed,
     )

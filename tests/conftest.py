@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from splitleak import data
 
 SHARED = data.data_root()
+EXPORTED_SPLITS = ("layer1", "layer2")  # attacked_model_dir's decoders: the default split, and one to switch to
 needs_shared = pytest.mark.skipif(
     SHARED is None or not (SHARED / "cifar10" / "test.npz").exists(),
     reason="../shared/datasets (or $SPLITLEAK_DATA) with cifar10 is not here",
@@ -51,3 +53,46 @@ def cloud(tiny_model_dir):
     proc, port = start_cloud([tiny_model_dir])
     yield port
     stop(proc)
+
+
+@pytest.fixture(scope="session")
+def attacked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a decoder for two of its split points, exported by `splitleak attacker train-decoder`."""
+    from splitleak import cli
+
+    out = tmp_path_factory.mktemp("attacked") / "resnet20-cifar10"
+    shutil.copytree(tiny_model_dir, out)
+    splits = [arg for split in EXPORTED_SPLITS for arg in ("--split", split)]
+    knobs = ["--aux-limit", "500", "--epochs", "2", "--width", "32", "--lr", "3e-3", "--held-out", "100"]
+    assert cli.main(["attacker", "train-decoder", "--model-dir", str(out), *splits, *knobs]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_faces_model_dir(isolated_cache, tmp_path_factory) -> Path:
+    """ResNet-20 trained for a few epochs on AT&T faces at 32x32, exported, with a decoder at its default split."""
+    if SHARED is None or not (SHARED / "att_faces" / "test.npz").exists():
+        pytest.skip("needs att_faces in ../shared/datasets")
+    from splitleak import cli
+    from splitleak.export import export_checkpoint
+    from splitleak.train import TrainConfig, train
+
+    checkpoint = train(
+        TrainConfig(model="resnet20", dataset="att_faces", epochs=4, batch_size=32, lr=0.1, size=32), progress=False
+    )
+    out = tmp_path_factory.mktemp("faces") / "resnet20-att_faces"
+    export_checkpoint(checkpoint, out)
+    decoder = [
+        "--split",
+        "layer1",
+        "--aux-dataset",
+        "att_faces",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--held-out",
+        "40",
+    ]
+    assert cli.main(["attacker", "train-decoder", "--model-dir", str(out), *decoder]) == 0
+    return out

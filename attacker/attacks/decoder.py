@@ -1,0 +1,111 @@
+"""`decoder`: the black-box inverse network.
+
+He, Zhang and Lee, "Model inversion attacks against collaborative inference" (ACSAC 2019), Section 5.1, Eq. 4 and
+Algorithm 2: the attacker cannot see the head's weights but can query it (as any app user can), so it feeds the head
+auxiliary images of the same kind as the victim's, keeps the (activation, image) pairs, and trains a network g to
+minimise the mean of ||g(head(x)) - x||^2 over them. One forward pass of g then inverts each intercepted activation.
+Trained with Adam rather than the paper's SGD, from PyTorch's default initialisation rather than Xavier's; auxiliary
+images from the target's training set are the paper's "same set" case (Table 4).
+
+g is sized from the activation's shape and the image's: a 3x3 convolution in, one stride-2 transposed convolution
+per doubling of the side (He et al.'s decoders mirror the head's pooling the same way), halving the width each time
+so every stage costs about the same, and a 3x3 convolution out to the image's channels. A batch norm on the way in
+learns the activation's scale, which differs by orders of magnitude between heads with and without batch norm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, query, session
+from splitleak.manifest import Manifest
+
+
+def build_decoder(activation_shape: tuple[int, ...], image_shape: tuple[int, int, int], width: int) -> nn.Sequential:
+    """A decoder from activations of `activation_shape` ((C, h, w) or (C,)) to images of `image_shape` (H, W, C)."""
+    c, h, w = (*activation_shape, 1, 1) if len(activation_shape) == 1 else activation_shape
+    height, width_px, channels = image_shape
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, 1, 1))] if len(activation_shape) == 1 else []
+    layers += [nn.BatchNorm2d(c), nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+    while 2 * h <= height and 2 * w <= width_px:
+        out = max(width // 2, 16)
+        layers += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.ReLU()]  # (B, out, 2h, 2w)
+        width, h, w = out, 2 * h, 2 * w
+    if (h, w) != (height, width_px):  # sides that are not a power of two apart (224 from 14 is, 112 from 8 is not)
+        layers.append(nn.Upsample(size=(height, width_px), mode="bilinear"))
+    layers += [nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid()]  # (B, C, H, W) in [0, 1]
+    return nn.Sequential(*layers)
+
+
+class InverseNetwork(Attack):
+    name = "decoder"
+    knowledge = "Black-box queries to the head on auxiliary images of the same kind as the victim's, none of them."
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        split: str,
+        auxiliary: np.ndarray,
+        epochs: int = 10,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        width: int = 64,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(manifest=manifest, split=split)
+        check_positive(epochs=epochs, batch_size=batch_size, lr=lr, width=width)
+        if auxiliary is None or len(auxiliary) == 0:
+            raise ValueError("the decoder attack needs auxiliary images to query the head with")
+        if auxiliary.dtype != np.uint8 or auxiliary.shape[1:] != self.image_shape:
+            raise ValueError(
+                f"auxiliary images must be uint8 {self.image_shape} (N, H, W, C) like the model's "
+                f"input, not {auxiliary.dtype} {auxiliary.shape[1:]}"
+            )
+        self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
+        knobs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width, "seed": seed}
+        path = cache_path(self.name, manifest, split, knobs, auxiliary)
+        if path.exists():
+            self.decoder.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            self._train(auxiliary, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            torch.save(self.decoder.state_dict(), path)
+        self.decoder.eval()
+
+    def _train(
+        self, auxiliary: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int, progress: bool
+    ) -> None:
+        from tqdm import tqdm
+
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        head = session(self.split.head)
+        optimizer = torch.optim.Adam(self.decoder.parameters(), lr=lr)
+        steps = -(-len(auxiliary) // batch_size)
+        self.decoder.train()
+        for _ in tqdm(range(epochs), desc=f"{self.name} at {self.split.name}", disable=not progress):
+            order = rng.permutation(len(auxiliary))
+            for step in range(steps):
+                images = auxiliary[order[step * batch_size : (step + 1) * batch_size]]
+                # Queried afresh each epoch rather than stored: at early split points the activations of a full
+                # data set run to gigabytes, and the head costs less than the decoder's backward pass.
+                activation = torch.from_numpy(query(head, self.manifest, images))
+                target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+                loss = F.mse_loss(self.decoder(activation), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+    @torch.inference_mode()
+    def _invert(self, activations: np.ndarray) -> np.ndarray:
+        batch = 256
+        return np.concatenate(
+            [
+                self.decoder(torch.from_numpy(activations[i : i + batch])).permute(0, 2, 3, 1).numpy()
+                for i in range(0, len(activations), batch)
+            ]
+        )

@@ -1,0 +1,110 @@
+"""What inverting costs: the attacks' time per frame, side by side with the head that made the activations.
+
+1. `decoder` (InverseNetwork): one batched forward pass over BATCH intercepted 32x32 frames, against the head's own
+   forward pass (ONNX Runtime, what the device runs) on the same frames; reports frames/s and the ratio. The target
+   is at least 500 frames/s on a 2-core laptop CPU at every split point.
+2. `rmle` (RegularizedMLE): RMLE_STEPS Adam steps on RMLE_BATCH frames, extrapolated linearly to the paper's 5000
+   steps per frame (every step costs the same: one forward and one backward pass of the head), against the decoder.
+
+Timing does not depend on the weights, so the models here are random-initialised ResNet-20 (bench/conftest.py) and
+He et al.'s CNN, and the decoder is trained for one epoch on a handful of random images (quality is not measured).
+
+    .venv/bin/pytest bench/bench_attacks.py --benchmark-enable
+
+On a machine shared with other work, wall-clock medians swing with the load; `--benchmark-timer time.process_time`
+counts CPU time instead (all threads together, so frames/s on N idle cores is at most N times what it reports).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitleak import export, manifest, zoo
+from splitleak.attacker.attacks import build
+from splitleak.attacker.attacks.base import model_input, session
+
+BATCH = 256
+RMLE_BATCH = 32
+RMLE_STEPS = 5
+PAPER_STEPS = 5000
+ROUNDS = 10
+SEED = 0
+CASES = [("resnet20", s) for s in zoo.ZOO["resnet20"].split_points] + [
+    ("hecnn", s) for s in zoo.ZOO["hecnn"].split_points
+]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(model_dir, tmp_path_factory) -> Iterator[dict[str, Path]]:
+    # Decoders trained here are worthless: keep them out of the user's cache.
+    cache, os.environ["SPLITLEAK_CACHE"] = os.environ.get("SPLITLEAK_CACHE"), str(tmp_path_factory.mktemp("cache"))
+    torch.manual_seed(SEED)
+    out = tmp_path_factory.mktemp("hecnn-random")
+    entry = zoo.ZOO["hecnn"]
+    export.export(
+        zoo.build("hecnn"),
+        out,
+        name="hecnn-cifar10",
+        model_name="hecnn",
+        dataset="cifar10",
+        classes=[str(i) for i in range(10)],
+        input_shape=(3, 32, 32),
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        split_points=entry.split_points,
+        default_split=entry.default_split,
+    )
+    yield {"resnet20": model_dir, "hecnn": out}
+    if cache is None:
+        del os.environ["SPLITLEAK_CACHE"]
+    else:
+        os.environ["SPLITLEAK_CACHE"] = cache
+
+
+def frames(n: int) -> np.ndarray:
+    return np.random.default_rng(SEED).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def intercepted(m: manifest.Manifest, split: str, n: int) -> np.ndarray:
+    return session(m.split(split).head).run(["activation"], {"image": model_input(m, frames(n))})[0]
+
+
+# The head runs first in each case: it is the baseline the decoder's ratio is taken against.
+@pytest.mark.parametrize(("model", "split", "runner"), [(*case, r) for case in CASES for r in ("head", "decoder")])
+def test_decoder_inverts_a_batch_against_the_head_that_made_it(benchmark, ratios, model_dirs, model, split, runner):
+    m = manifest.load(model_dirs[model])
+    if runner == "head":
+        head, x = session(m.split(split).head), model_input(m, frames(BATCH))
+        run, args = (lambda image: head.run(["activation"], {"image": image})), (x,)
+    else:
+        attack = build("decoder", manifest=m, split=split, auxiliary=frames(64), epochs=1)
+        run, args = attack.invert, (intercepted(m, split, BATCH),)
+    benchmark.group = f"{model}.{split}, {BATCH} frames of 32x32"
+    benchmark.pedantic(run, args=args, rounds=ROUNDS, warmup_rounds=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["frames_per_s"] = round(BATCH / benchmark.stats.stats.median)
+    ratios.record(
+        benchmark, f"{model}.{split} {runner}", baseline=None if runner == "head" else f"{model}.{split} head"
+    )
+
+
+@pytest.mark.parametrize(("model", "split"), CASES)
+def test_rmle_time_per_frame_at_the_papers_5000_steps(benchmark, ratios, model_dirs, model, split):
+    m = manifest.load(model_dirs[model])
+    attack = build("rmle", manifest=m, split=split, steps=RMLE_STEPS, batch_size=RMLE_BATCH)
+    benchmark.group = f"{model}.{split}, rmle: {RMLE_STEPS} steps on {RMLE_BATCH} frames"
+    benchmark.pedantic(attack.invert, args=(intercepted(m, split, RMLE_BATCH),), rounds=3, warmup_rounds=1)
+    if benchmark.stats is None:
+        return
+    per_frame = benchmark.stats.stats.median / RMLE_BATCH / RMLE_STEPS * PAPER_STEPS  # extrapolated, see above
+    benchmark.extra_info["seconds_per_frame_at_5000_steps"] = round(per_frame, 2)
+    decoder = ratios.medians.get(f"{model}.{split} decoder")
+    if decoder is not None:
+        benchmark.extra_info["ratio_to_decoder"] = round(per_frame / (decoder / BATCH))
+    print(f"\nrmle at {model}.{split}: {per_frame:.2f} s per frame at {PAPER_STEPS} steps (extrapolated)")

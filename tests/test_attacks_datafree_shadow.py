@@ -1,0 +1,147 @@
+"""The data-free (DCI) and query-free (shadow head) attacks invert real activations of a real tiny model.
+
+Measured on ResNet-20 after 2 epochs on 2,000 CIFAR-10 images, split at the stem, 64 test frames; each floor sits
+between what the attack gets and what it gets when its distinctive step does nothing:
+
+- datafree with the knobs below: ~22.9 dB, SSIM ~0.86; its inverse trained on uniform noise instead of images
+  synthesised from the head's batch-norm statistics (one synthesis step): ~20.2 dB, ~0.83; the data set's mean
+  colour: ~13 dB, ~0.11.
+- shadow on 500 auxiliary images for 4 epochs: ~20.5 dB, SSIM ~0.77; rMLE against an untrained shadow head, which
+  still finds where the edges are: ~16.4 dB, ~0.64.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_shared
+
+from splitleak import data, export, manifest, zoo
+from splitleak.attacker.attacks import build
+from splitleak.attacker.attacks.base import query, session
+from splitleak.attacker.attacks.datafree import blocks_of
+from splitleak.attacker.scoring import psnr, ssim
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def victim() -> np.ndarray:
+    """64 CIFAR-10 test frames, drawn at random as the device draws them."""
+    test = data.load("cifar10", "test")
+    return test.images[np.random.default_rng(0).permutation(len(test))[:64]]
+
+
+@pytest.fixture(scope="module")
+def model_dir_with_batch_norm(tiny_checkpoint, tmp_path_factory):
+    """The tiny model exported as `splitleak export` does, less constant folding, which would fold the heads'
+    BatchNormalization nodes into their convolutions and leave the data-free attack no statistics."""
+
+    def keep_batch_norm(module, example, path, input_name, output_name):
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=export.OPSET,
+            dynamo=False,
+            do_constant_folding=False,
+        )
+
+    out = tmp_path_factory.mktemp("tiny-resnet20-bn")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "export_onnx", keep_batch_norm)
+        export.export_checkpoint(tiny_checkpoint, out)
+    return out
+
+
+def intercept(model_dir, split: str, images: np.ndarray) -> np.ndarray:
+    m = manifest.load(model_dir)
+    return query(session(m.split(split).head), m, images)
+
+
+def test_datafree_cuts_a_resnet_head_into_its_residual_blocks_and_chains_them_back(model_dir_with_batch_norm):
+    import onnx2torch
+
+    head = onnx2torch.convert(str(manifest.load(model_dir_with_batch_norm).split("layer2").head)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    blocks = blocks_of(head)
+
+    assert len(blocks) == 1 + 3 + 3  # the stem, then layer1's and layer2's basic blocks
+    chained = x
+    for block in blocks:
+        chained = block(chained)
+    torch.testing.assert_close(chained, head(x))
+
+
+def test_datafree_at_the_stem_reconstructs_test_frames_from_no_data_at_all(model_dir_with_batch_norm, victim):
+    m = manifest.load(model_dir_with_batch_norm)
+    knobs = dict(manifest=m, split="stem", synthetic_images=64, synthesis_steps=100, epochs=30, width=32)
+    activations = intercept(model_dir_with_batch_norm, "stem", victim)
+
+    reconstructions = build("datafree", **knobs).invert(activations)
+
+    assert reconstructions.shape == (64, 32, 32, 3) and reconstructions.dtype == np.float32
+    assert np.mean(psnr(victim, reconstructions)) > 21.5
+    assert np.mean(ssim(victim, reconstructions)) > 0.8
+    start = time.perf_counter()
+    again = build("datafree", **knobs)  # trained inverses come back from the cache
+    assert time.perf_counter() - start < 5
+    np.testing.assert_array_equal(again.invert(activations), reconstructions)
+
+
+def test_datafree_refuses_a_head_without_batch_norm(tmp_path):
+    model = zoo.build("hecnn")
+    export.export(
+        model,
+        tmp_path,
+        name="hecnn-untrained",
+        model_name="hecnn",
+        dataset="cifar10",
+        classes=[str(i) for i in range(10)],
+        input_shape=(3, 32, 32),
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        split_points=("conv11",),
+        default_split="conv11",
+    )
+
+    with pytest.raises(ValueError, match="no BatchNormalization nodes"):
+        build("datafree", manifest=manifest.load(tmp_path), split="conv11")
+
+
+@pytest.fixture(scope="module")
+def auxiliary() -> tuple[np.ndarray, np.ndarray]:
+    train = data.load("cifar10", "train")
+    indices = np.random.default_rng(1).permutation(len(train))[:500]
+    return train.images[indices], train.labels[indices]
+
+
+def test_shadow_at_the_stem_beats_rmle_against_an_untrained_shadow_head(tiny_model_dir, victim, auxiliary):
+    images, labels = auxiliary
+    m = manifest.load(tiny_model_dir)
+    attack = build("shadow", manifest=m, split="stem", auxiliary=images, auxiliary_labels=labels, epochs=4, steps=200)
+
+    reconstructions = attack.invert(intercept(tiny_model_dir, "stem", victim))
+
+    assert reconstructions.shape == (64, 32, 32, 3) and reconstructions.dtype == np.float32
+    assert np.mean(psnr(victim, reconstructions)) > 18.5
+    assert np.mean(ssim(victim, reconstructions)) > 0.71
+
+
+def test_shadow_refuses_auxiliary_images_without_a_label_each(tiny_model_dir, auxiliary):
+    images, labels = auxiliary
+    with pytest.raises(ValueError, match="auxiliary_labels"):
+        build(
+            "shadow",
+            manifest=manifest.load(tiny_model_dir),
+            split="stem",
+            auxiliary=images,
+            auxiliary_labels=labels[:-1],
+        )
