@@ -83,7 +83,7 @@ def test_a_looping_device_takes_split_link_and_defence_changes_between_frames_an
         assert change({"bandwidth": 3})["error"].startswith("expected a JSON object with any of split")
 
         device.stdin.close()  # the controller has gone: the device stops as if interrupted
-        assert device.wait(timeout=30) == 130
+        assert device.wait(timeout=90) == 130
     finally:
         device.kill()
         device.wait()
