@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import export_random
 
-from splitleak import export, manifest, zoo
+from splitleak import manifest, zoo
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import model_input, session
 
@@ -35,6 +36,7 @@ RMLE_STEPS = 5
 PAPER_STEPS = 5000
 ROUNDS = 10
 SEED = 0
+
 CASES = [("resnet20", s) for s in zoo.ZOO["resnet20"].split_points] + [
     ("hecnn", s) for s in zoo.ZOO["hecnn"].split_points
 ]
@@ -45,21 +47,7 @@ def model_dirs(model_dir, tmp_path_factory) -> Iterator[dict[str, Path]]:
     # Decoders trained here are worthless: keep them out of the user's cache.
     cache, os.environ["SPLITLEAK_CACHE"] = os.environ.get("SPLITLEAK_CACHE"), str(tmp_path_factory.mktemp("cache"))
     torch.manual_seed(SEED)
-    out = tmp_path_factory.mktemp("hecnn-random")
-    entry = zoo.ZOO["hecnn"]
-    export.export(
-        zoo.build("hecnn"),
-        out,
-        name="hecnn-cifar10",
-        model_name="hecnn",
-        dataset="cifar10",
-        classes=[str(i) for i in range(10)],
-        input_shape=(3, 32, 32),
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        split_points=entry.split_points,
-        default_split=entry.default_split,
-    )
+    out = export_random("hecnn", tmp_path_factory.mktemp("hecnn-random"))
     yield {"resnet20": model_dir, "hecnn": out}
     if cache is None:
         del os.environ["SPLITLEAK_CACHE"]

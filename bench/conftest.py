@@ -17,15 +17,19 @@ def model_dir(tmp_path_factory) -> Path:
     """The shipped ResNet-20; when it is absent, a random-init one (timing does not depend on the weights)."""
     if (manifest.DEFAULT_MODEL_DIR / "manifest.json").exists():
         return manifest.DEFAULT_MODEL_DIR
+    return export_random("resnet20", tmp_path_factory.mktemp("resnet20-random"))
+
+
+def export_random(model: str, out: Path) -> Path:
+    """A random-init zoo model exported for CIFAR-sized input: enough for timing, which ignores the weights."""
     from splitleak import export, zoo
 
-    out = tmp_path_factory.mktemp("resnet20-random")
-    entry = zoo.ZOO["resnet20"]
+    entry = zoo.ZOO[model]
     export.export(
-        zoo.build("resnet20"),
+        zoo.build(model),
         out,
-        name="resnet20-cifar10",
-        model_name="resnet20",
+        name=f"{model}-cifar10",
+        model_name=model,
         dataset="cifar10",
         classes=[str(i) for i in range(10)],
         input_shape=(3, 32, 32),
