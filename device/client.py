@@ -23,10 +23,11 @@ only when both share a clock (the same machine, as in every run here) or are syn
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -132,7 +133,8 @@ class Control:
             for line in lines:
                 if line.strip():
                     self._lines.put(line)
-            _thread.interrupt_main()
+            # A real SIGINT, not _thread.interrupt_main(): only a signal wakes a main thread blocked in a lock.
+            os.kill(os.getpid(), signal.SIGINT)
 
         threading.Thread(target=read, name="device-control", daemon=True).start()
 
