@@ -127,7 +127,10 @@ class Control:
         self._lines: queue.Queue[str] = queue.Queue()
 
     def listen(self, lines) -> None:
-        """Take changes from `lines` (such as sys.stdin) on a thread of their own."""
+        """Take changes from `lines` (such as sys.stdin) on a thread of their own. Call from the main thread."""
+        # The end of the lines is delivered as SIGINT; a parent that ignores SIGINT (a demo or test harness that
+        # shields itself from Ctrl-C) would pass that on to us, and the device would never stop.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def read() -> None:
             for line in lines:
