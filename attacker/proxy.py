@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitleak import transport
+from splitleak import local, transport
 from splitleak.attacker.capture import CaptureSink, CaptureWriter
 from splitleak.attacker.feed import FeedSender
 from splitleak.protos import inference_pb2 as pb
@@ -173,16 +172,9 @@ def start_process(
 
     Without a capture folder, `extra` must say where else the captures go (`--feed HOST:PORT`). `own_session`: as
     for splitleak.local.start_cloud."""
-    cmd = [sys.executable, "-m", "splitleak.cli", "attacker", "proxy", "--listen-port", "0", "--cloud", cloud]
+    cmd = ["attacker", "proxy", "--listen-port", "0", "--cloud", cloud]
     cmd += [*(["--capture", str(capture)] if capture else []), *(["--dataset", dataset] if dataset else [])]
-    cmd += extra or []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=own_session)
-    line = proc.stdout.readline()  # the proxy prints its address once it listens
-    match = re.search(r"listening on [\d.]+:(\d+)", line)
-    if match is None:
-        proc.kill()
-        raise RuntimeError(f"the proxy did not start (exit {proc.wait(timeout_s)}): {line!r}")
-    return proc, int(match.group(1))
+    return local.start_listening([*cmd, *(extra or [])], "proxy", timeout_s, own_session=own_session)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

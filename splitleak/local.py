@@ -24,13 +24,22 @@ def start_cloud(
     """Start `splitleak cloud --port 0` and wait for the port it prints.
 
     `own_session`: in a session of its own, so that a Ctrl-C meant for this process does not reach it (stop it)."""
-    cmd = [sys.executable, "-m", "splitleak.cli", "cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=own_session)
-    line = proc.stdout.readline()  # the cloud prints its address once it listens
+    cmd = ["cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
+    return start_listening(cmd, "cloud", timeout_s, own_session=own_session)
+
+
+def start_listening(
+    args: list[str], what: str, timeout_s: float = 60.0, *, own_session: bool = False
+) -> tuple[subprocess.Popen, int]:
+    """Start `splitleak ARGS...` and wait for the port it prints on its first line ("... listening on HOST:PORT")."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitleak.cli", *args], stdout=subprocess.PIPE, text=True, start_new_session=own_session
+    )
+    line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)
     if match is None:
         proc.kill()
-        raise RuntimeError(f"the cloud did not start (exit {proc.wait(timeout_s)}): {line!r}")
+        raise RuntimeError(f"the {what} did not start (exit {proc.wait(timeout_s)}): {line!r}")
     return proc, int(match.group(1))
 
 
