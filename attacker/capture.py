@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from splitleak import codec, data
+from splitleak import codec, data, defences
 from splitleak.manifest import Manifest
 from splitleak.protos import inference_pb2 as pb
 
@@ -177,7 +177,13 @@ class CapturedRequest:
     model_name: str
     split_point: str | None
     frame_id: int | None
-    activation: np.ndarray  # batch-first, as sent
+    activation: np.ndarray  # batch-first, as sent (for a defended request, in the form it travelled)
+    tensors: dict[str, np.ndarray]  # every input of the request, by name
+    parameters: dict  # the request's parameters (split_point, frame_id, defence, ...)
+
+    def restored(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 activation (B, *shape) the tail takes, whatever form a defence sent it in (as the cloud)."""
+        return defences.restore(self.tensors, self.parameters, shape=shape)
 
 
 @dataclass
@@ -189,21 +195,33 @@ class Capture:
     def models(self) -> list[str]:
         return sorted({r.model_name for r in self.records})
 
-    def activations(self, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    def activations(
+        self, model_name: str, *, shape: tuple[int, ...] | None = None, where: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(frame_ids (N,), activations (N, ...)) of every request to `model_name`, batches concatenated.
 
+        With `shape` (the split's activation shape, from the manifest), each activation is restored to float32 as
+        the cloud restores it, undoing the form a quantising or pruning defence sent it in; without it, the first
+        input is returned as it travelled. `where`: only the requests whose parameters have these values, e.g.
+        {"defence": "gaussian", "defence_strength": 0.5}.
         A frame id is -1 where the request carries none, and for every row of a batch larger than one, since one
         `frame_id` cannot name several frames. Requests whose per-frame shape or dtype differs from that of most
         requests (which the cloud rejects anyway) are left out, so the rows stack."""
         records = [r for r in self.records if r.model_name == model_name]
         if not records:
             raise KeyError(f"{self.path} has no requests for {model_name!r}; models: {', '.join(self.models())}")
+        if where:
+            records = [r for r in records if all(r.parameters.get(k) == v for k, v in where.items())]
+            if not records:
+                raise KeyError(f"{self.path} has no requests for {model_name!r} with {where}")
+        if shape is not None:
+            rows = [r.restored(shape) for r in records]
+            frame_ids = np.concatenate([_frame_ids(r, len(a)) for r, a in zip(records, rows, strict=True)])
+            return frame_ids, np.concatenate(rows)
         kinds = Counter((r.activation.shape[1:], r.activation.dtype) for r in records)
         kind = kinds.most_common(1)[0][0]
         records = [r for r in records if (r.activation.shape[1:], r.activation.dtype) == kind]
-        rows = [len(r.activation) for r in records]
-        ids = [-1 if r.frame_id is None or n != 1 else r.frame_id for r, n in zip(records, rows, strict=True)]
-        frame_ids = np.repeat(np.array(ids, np.int64), rows)
+        frame_ids = np.concatenate([_frame_ids(r, len(r.activation)) for r in records])
         return frame_ids, np.concatenate([r.activation for r in records])
 
     def originals(self, frame_ids: np.ndarray, manifest: Manifest) -> np.ndarray:
@@ -223,6 +241,12 @@ class Capture:
         ds = data.load(dataset, "test")
         channels, size = manifest.input_shape[0], manifest.input_shape[1]
         return data.resize(ds.images[frame_ids], size, channels)
+
+
+def _frame_ids(record: CapturedRequest, rows: int) -> np.ndarray:
+    """The frame id of each of a request's `rows` rows: -1 unless it is one frame that names itself."""
+    known = record.frame_id is not None and rows == 1
+    return np.full(rows, record.frame_id if known else -1, np.int64)
 
 
 def _split(buffer: bytes) -> tuple[list[tuple[int, bytes]], int]:
@@ -271,6 +295,8 @@ def read(path: str | Path) -> Capture:
                 None if split_point is None else str(split_point),
                 None if frame_id is None else int(frame_id),
                 activation,
+                tensors,
+                params,
             )
         )
     meta.update(skipped=skipped, truncated=end < len(buffer))

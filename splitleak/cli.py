@@ -17,6 +17,8 @@ COMMANDS = {
     "run": ("splitleak.local", "start a cloud and a device as two processes on loopback and print the summary"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
+    "sweep": ("splitleak.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
+    "recommend": ("splitleak.recommend", "the fastest split and defence within privacy and accuracy bounds"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }
 

@@ -19,21 +19,31 @@ FORWARDS_OPTIONS = True
 
 
 def start_cloud(
-    models: list[Path], extra: list[str] | None = None, timeout_s: float = 60.0, *, own_session: bool = False
+    models: list[Path],
+    extra: list[str] | None = None,
+    timeout_s: float = 60.0,
+    *,
+    own_session: bool = False,
+    stderr=None,
 ) -> tuple[subprocess.Popen, int]:
     """Start `splitleak cloud --port 0` and wait for the port it prints.
 
-    `own_session`: in a session of its own, so that a Ctrl-C meant for this process does not reach it (stop it)."""
+    `own_session`: in a session of its own, so that a Ctrl-C meant for this process does not reach it (stop it).
+    `stderr`: where its messages go (a file), as subprocess.Popen takes it; default: this process's stderr."""
     cmd = ["cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
-    return start_listening(cmd, "cloud", timeout_s, own_session=own_session)
+    return start_listening(cmd, "cloud", timeout_s, own_session=own_session, stderr=stderr)
 
 
 def start_listening(
-    args: list[str], what: str, timeout_s: float = 60.0, *, own_session: bool = False
+    args: list[str], what: str, timeout_s: float = 60.0, *, own_session: bool = False, stderr=None
 ) -> tuple[subprocess.Popen, int]:
     """Start `splitleak ARGS...` and wait for the port it prints on its first line ("... listening on HOST:PORT")."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitleak.cli", *args], stdout=subprocess.PIPE, text=True, start_new_session=own_session
+        [sys.executable, "-m", "splitleak.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=own_session,
     )
     line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)

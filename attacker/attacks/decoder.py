@@ -7,6 +7,10 @@ minimise the mean of ||g(head(x)) - x||^2 over them. One forward pass of g then 
 Trained with Adam rather than the paper's SGD, from PyTorch's default initialisation rather than Xavier's; auxiliary
 images from the target's training set are the paper's "same set" case (Table 4).
 
+Against a defended device (splitleak.defences) the attacker adapts, as a real one would: knowing the defence and its
+strength (a phone app's defence is no secret), it first trains the undefended decoder, then goes on training it for
+`adapt_epochs` on activations that pass through the same defence, restored as the cloud restores them.
+
 g is sized from the activation's shape and the image's: a 3x3 convolution in, one stride-2 transposed convolution
 per doubling of the side (He et al.'s decoders mirror the head's pooling the same way), halving the width each time
 so every stage costs about the same, and a 3x3 convolution out to the image's channels. A batch norm on the way in
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, query, session
 from splitleak.manifest import Manifest
 
@@ -55,10 +60,14 @@ class InverseNetwork(Attack):
         lr: float = 1e-3,
         width: int = 64,
         seed: int = 0,
+        defence: str = "none",
+        strength: float | None = None,
+        adapt_epochs: int = 2,
         progress: bool = False,
     ) -> None:
         super().__init__(manifest=manifest, split=split)
-        check_positive(epochs=epochs, batch_size=batch_size, lr=lr, width=width)
+        check_positive(epochs=epochs, batch_size=batch_size, lr=lr, width=width, adapt_epochs=adapt_epochs)
+        self.defence = defences.build(defence, strength=strength, split=self.split)
         if auxiliary is None or len(auxiliary) == 0:
             raise ValueError("the decoder attack needs auxiliary images to query the head with")
         if auxiliary.dtype != np.uint8 or auxiliary.shape[1:] != self.image_shape:
@@ -66,13 +75,23 @@ class InverseNetwork(Attack):
                 f"auxiliary images must be uint8 {self.image_shape} (N, H, W, C) like the model's "
                 f"input, not {auxiliary.dtype} {auxiliary.shape[1:]}"
             )
-        self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
         knobs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width, "seed": seed}
+        undefended = self.defence.name == "none"
+        if not undefended:
+            knobs.update(defence=self.defence.name, strength=self.defence.strength, adapt_epochs=adapt_epochs)
         path = cache_path(self.name, manifest, split, knobs, auxiliary)
         if path.exists():
+            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
             self.decoder.load_state_dict(torch.load(path, weights_only=True))
-        else:
+        elif undefended:
+            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
             self._train(auxiliary, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            torch.save(self.decoder.state_dict(), path)
+        else:
+            base = {k: knobs[k] for k in ("epochs", "batch_size", "lr", "width", "seed")}
+            start = InverseNetwork(manifest=manifest, split=split, auxiliary=auxiliary, progress=progress, **base)
+            self.decoder = start.decoder
+            self._train(auxiliary, epochs=adapt_epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
             torch.save(self.decoder.state_dict(), path)
         self.decoder.eval()
 
@@ -93,12 +112,19 @@ class InverseNetwork(Attack):
                 images = auxiliary[order[step * batch_size : (step + 1) * batch_size]]
                 # Queried afresh each epoch rather than stored: at early split points the activations of a full
                 # data set run to gigabytes, and the head costs less than the decoder's backward pass.
-                activation = torch.from_numpy(query(head, self.manifest, images))
+                activation = torch.from_numpy(self._defended(query(head, self.manifest, images), rng))
                 target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
                 loss = F.mse_loss(self.decoder(activation), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
+    def _defended(self, activation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The activation as the attacker would intercept it from a device running this defence, restored."""
+        if self.defence.name == "none":
+            return activation
+        tensors, form = self.defence.apply(activation, rng)
+        return defences.restore(tensors, form, shape=self.split.activation_shape)
 
     @torch.inference_mode()
     def _invert(self, activations: np.ndarray) -> np.ndarray:

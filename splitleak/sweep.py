@@ -1,0 +1,448 @@
+"""`splitleak sweep`: the latency-leakage-accuracy trade-off of every split point, defence and link, from real runs.
+
+For each configuration (model, split point, defence, strength) the sweep starts a real cloud process recording what
+it receives (`splitleak cloud --record`: the curious cloud) and a real device process (`splitleak device`) that
+streams the same frames through the head and the defence. That run gives the accuracy, the bytes on the wire and the
+measured compute on each side: device (preprocess, head, defence, encode), cloud (restore, tail), and the transport
+on loopback (serialisation, gRPC, both ways). Then each attack inverts what the cloud recorded and is scored against
+the original frames. The links are not re-run: a link adds the link model's delay (splitleak.link) for the frame's
+measured bytes each way, so
+
+    total = device + uplink(link, bytes up) + cloud + downlink(link, bytes down) + transport (measured on loopback)
+
+one frame at a time (the device's closed loop: no queueing). `--link loopback` is the measured run itself.
+
+The attacker is adaptive: the decoder is trained on the undefended head, then further on activations passed through
+the same defence at the same strength; rMLE, for defences that zero elements, matches only what arrived non-zero.
+A training-time defence (NoPeek, adversarial training) is a model variant (`--variant DIR`, exported with its
+`training_defence` in the manifest); its rows are the variant with no run-time defence, attacked the same way.
+
+Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), and the plots (PNG and SVG:
+splitleak.plots). What a configuration measured or an attack scored is cached under the cache folder
+(`SPLITLEAK_CACHE`), keyed by the model's files and every setting that changes it, so a re-run only does what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import inspect
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitleak import data, link, local, manifest
+
+DEFAULT_DEFENCES = ("gaussian:0.5,1,2", "dropout:0.3,0.6,0.9", "quantise:8,4,2", "topk:0.25,0.5,0.75")
+DEFAULT_LINKS = ("wifi", "4g", "3g")
+DEFAULT_ATTACKS = ("decoder", "rmle")
+# Knobs that keep the default sweep within minutes: the undefended decoder is trained in full (and cached), each
+# defence adds one epoch of adaptation; rMLE runs 300 steps on 16 frames (bench/attack_table.py runs 5,000).
+ATTACK_KNOBS = {"decoder": {"epochs": 10, "adapt_epochs": 1}, "rmle": {"steps": 300}}
+ATTACK_FRAMES = {"rmle": 16}  # at most this many frames for the slow attacks
+ZEROING_DEFENCES = ("dropout", "channel-dropout", "topk")  # rMLE, knowing them, matches only non-zero elements
+LATENCY_STAGES = ("device", "uplink", "cloud", "downlink", "transport")
+RECOGNISABLE_SSIM = 0.3
+
+
+@dataclass(frozen=True)
+class Config:
+    """One real device -> cloud run: a model folder, a split point, and the run-time defence at a strength."""
+
+    model_dir: Path
+    split: str
+    defence: str = "none"
+    strength: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{manifest.load(self.model_dir).name}.{self.split} {self.defence} {self.strength:g}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every configuration of a sweep shares."""
+
+    dataset: str
+    frames: int  # streamed per configuration: accuracy, bytes and latency come from all of them
+    attack_frames: int  # the first of those frames that each attack inverts and is scored on
+    aux_images: int  # auxiliary train-split images for the attacks that query the head
+    seed: int = 0
+    knobs: dict = field(default_factory=dict)  # attack -> knob overrides, on top of ATTACK_KNOBS
+
+    def knobs_of(self, attack: str) -> dict:
+        return {**ATTACK_KNOBS.get(attack, {}), **self.knobs.get(attack, {})}
+
+    def frames_of(self, attack: str) -> int:
+        return min(self.attack_frames, ATTACK_FRAMES.get(attack, self.attack_frames))
+
+
+def parse_defences(specs: list[str]) -> list[tuple[str, float]]:
+    """["gaussian:0.5,1", "fp16"] -> [("gaussian", 0.5), ("gaussian", 1.0), ("fp16", default)]."""
+    from splitleak import defences
+
+    out = []
+    for spec in specs:
+        name, _, strengths = spec.partition(":")
+        if name not in defences.DEFENCES:
+            raise ValueError(f"unknown defence {name!r} in {spec!r}; defences: {', '.join(defences.DEFENCES)}")
+        cls = defences.DEFENCES[name]
+        if not strengths:
+            if cls.default_strength is None:
+                raise ValueError(f"{spec!r}: {name} needs strengths, NAME:S1,S2,... ({cls.strength_means})")
+            out.append((name, cls.default_strength))
+            continue
+        try:
+            out += [(name, float(s)) for s in strengths.split(",")]
+        except ValueError:
+            raise ValueError(f"{spec!r}: strengths must be numbers separated by commas") from None
+    return out
+
+
+def parse_knobs(specs: list[str]) -> dict[str, dict]:
+    """["decoder.epochs=5", "rmle.steps=100"] -> {"decoder": {"epochs": 5}, "rmle": {"steps": 100}}."""
+    from splitleak.attacker.attacks import ATTACKS
+    from splitleak.attacker.replay import knobs_of
+
+    knobs: dict[str, dict] = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        attack, _, knob = name.partition(".")
+        if not value or not knob:
+            raise ValueError(f"--knob {spec!r}: expected ATTACK.NAME=VALUE, e.g. decoder.epochs=5")
+        if attack not in ATTACKS:
+            raise ValueError(f"--knob {spec!r}: no attack {attack!r}; attacks: {', '.join(ATTACKS)}")
+        allowed = knobs_of(attack)
+        if knob not in allowed:
+            raise ValueError(f"{attack} has no knob {knob!r}; its knobs: {', '.join(allowed)}")
+        try:
+            knobs.setdefault(attack, {})[knob] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            knobs.setdefault(attack, {})[knob] = value  # a string, such as a defence's name
+    return knobs
+
+
+def configs(model_dir: Path, variants: list[Path], splits: list[str] | None, runtime: list[tuple[str, float]]):
+    """Every configuration: each split of the model undefended and with each run-time defence, and each variant."""
+    m = manifest.load(model_dir)
+    chosen = splits or list(m.splits)
+    for split in chosen:
+        m.split(split)  # an unknown split fails here, before anything runs
+        yield Config(model_dir, split)
+        for name, strength in runtime:
+            yield Config(model_dir, split, name, strength)
+    for variant in variants:
+        v = manifest.load(variant)
+        for split in chosen:
+            if split in v.splits:
+                yield Config(variant, split)
+
+
+def training_defence(model_dir: Path) -> dict | None:
+    """The training-time defence a model variant was trained with (its manifest's `training_defence`), or None."""
+    return json.loads((model_dir / "manifest.json").read_text()).get("training_defence")
+
+
+# Caching: a key is a hash of everything that changes a result.
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_key(model_dir: Path, split: str) -> str:
+    m = manifest.load(model_dir)  # load checks every file's sha256 against the manifest
+    return f"{m.name}-{_key((model_dir / 'manifest.json').read_text(), split)}"
+
+
+def cache_path(config: Config, settings: Settings, what: str) -> Path:
+    folder = data.cache_dir() / "sweep" / _model_key(config.model_dir, config.split)
+    key = _key(config.split, config.defence, config.strength, settings.dataset, settings.frames, settings.seed)
+    path = folder / f"{config.defence}-{config.strength:g}-{key}" / f"{what}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# One configuration: the real run, then the attacks on what the cloud recorded.
+
+
+def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict, Path]:
+    """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
+    capture_dir, out = workdir / "capture", workdir / "device.json"
+    with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
+        cloud, port = local.start_cloud(
+            [config.model_dir], ["--record", str(capture_dir), "--dataset", settings.dataset], stderr=log
+        )
+    try:
+        cmd = [
+            sys.executable, "-m", "splitleak.cli", "device",
+            "--cloud", f"127.0.0.1:{port}",
+            "--model-dir", str(config.model_dir),
+            "--split", config.split,
+            "--defence", config.defence,
+            "--strength", str(config.strength),
+            "--dataset", settings.dataset,
+            "--limit", str(settings.frames),
+            "--seed", str(settings.seed),
+            "--json", str(out),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
+    finally:
+        local.stop(cloud)
+    return json.loads(out.read_text())["frames"], capture_dir
+
+
+def measurement(records: list[dict]) -> dict:
+    """Per-frame arrays of what a run measured: the stages, the bytes, whether the cloud's prediction was right."""
+    if any(r["error"] for r in records):
+        raise RuntimeError(f"the cloud refused frames: {next(r['error'] for r in records if r['error'])}")
+    device = [r["preprocess_ms"] + r["head_ms"] + r["defence_ms"] + r["encode_ms"] for r in records]
+    return {
+        "frame": [r["frame"] for r in records],
+        "correct": [bool(r["prediction"] == r["label"]) for r in records],
+        "prediction": [r["prediction"] for r in records],
+        "bytes_up": [r["bytes_up"] for r in records],
+        "bytes_down": [r["bytes_down"] for r in records],
+        "device_ms": device,
+        "cloud_ms": [r["cloud_ms"] for r in records],
+        # What loopback adds beyond compute: serialisation, gRPC and the kernel's loopback, both ways.
+        "transport_ms": [r["total_ms"] - d - r["cloud_ms"] for r, d in zip(records, device, strict=True)],
+        "loopback_uplink_ms": [r["uplink_ms"] for r in records],
+        "loopback_downlink_ms": [r["downlink_ms"] for r in records],
+    }
+
+
+def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Settings) -> dict:
+    """Invert the first `attack_frames` activations the cloud recorded with `attack` and score them."""
+    from splitleak.attacker import capture, scoring
+    from splitleak.attacker.attacks import ATTACKS, build
+    from splitleak.attacker.replay import auxiliary_images
+
+    m = manifest.load(config.model_dir)
+    split = m.split(config.split)
+    recorded = capture.read(capture_dir)
+    frame_ids, activations = recorded.activations(m.served_name(split.name), shape=split.activation_shape)
+    frames = settings.frames_of(attack)
+    frame_ids, activations = frame_ids[:frames], activations[:frames]
+    given = dict(settings.knobs_of(attack), manifest=m, split=split.name)
+    parameters = inspect.signature(ATTACKS[attack]).parameters
+    if "auxiliary" in parameters:
+        given["auxiliary"] = auxiliary_images(settings.dataset, m, settings.aux_images, settings.seed)
+    if "defence" in parameters and config.defence != "none":
+        given.update(defence=config.defence, strength=config.strength)
+    if "observed_only" in parameters:
+        given["observed_only"] = config.defence in ZEROING_DEFENCES
+    start = time.perf_counter()
+    attacker = build(attack, **given)
+    built = time.perf_counter()
+    reconstructions = attacker.invert(activations)
+    inverted = time.perf_counter()
+    originals = recorded.originals(frame_ids, m)
+    scores = scoring.score(originals, reconstructions, manifest=m, split=split.name)
+    summary = scores["summary"]
+    return {
+        "knobs": {k: v for k, v in given.items() if k not in ("manifest", "split", "auxiliary")},
+        "frames": len(frame_ids),
+        "psnr": summary["psnr_mean"],
+        "ssim": summary["ssim_mean"],
+        "recognisable": summary["recognisable"],
+        "label_leakage": summary["label_leakage"],
+        "seconds_build": built - start,
+        "ms_per_frame": (inverted - built) * 1e3 / max(len(frame_ids), 1),
+    }
+
+
+def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
+    """What `config` measured and what each attack scored, from the cache where it is there."""
+    measured_path = cache_path(config, settings, "measured")
+    attack_paths = {
+        attack: cache_path(config, settings, f"attack-{attack}-{_key(settings.knobs_of(attack), settings)}")
+        for attack in attacks
+    }
+    missing = [a for a, p in attack_paths.items() if not p.exists()]
+    if missing or not measured_path.exists():
+        with tempfile.TemporaryDirectory(prefix="splitleak-sweep-") as tmp:
+            records, capture_dir = run_device(config, settings, Path(tmp))
+            measured_path.write_text(json.dumps(measurement(records)))
+            for attack in missing:
+                attack_paths[attack].write_text(json.dumps(attack_scores(config, attack, capture_dir, settings)))
+    return {
+        "measured": json.loads(measured_path.read_text()),
+        "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
+    }
+
+
+# The table: one row per configuration and link.
+
+
+def link_delays_ms(profile: link.LinkProfile, nbytes: list[int], seed: int) -> np.ndarray:
+    """The link model's delay for each message sent on its own (closed loop: no message waits for another)."""
+    model = link.Link(profile, seed)
+    sent = [i * 3600.0 for i in range(len(nbytes))]  # an hour apart: never queued behind each other
+    return np.array([(model.arrival(n, t) - t) * 1e3 for n, t in zip(nbytes, sent, strict=True)])
+
+
+def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[dict]:
+    """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from."""
+    measured = result["measured"]
+    variant = training_defence(config.model_dir)
+    base = {
+        "model": manifest.load(config.model_dir).name,
+        "split": config.split,
+        "defence": variant["name"] if variant else config.defence,
+        "strength": variant["strength"] if variant else config.strength,
+        "training_time": bool(variant),
+        "frames": len(measured["frame"]),
+        "accuracy": float(np.mean(measured["correct"])),
+        "accuracy_drop": 100 * (float(np.mean(reference["correct"])) - float(np.mean(measured["correct"]))),
+        "bytes_up": float(np.median(measured["bytes_up"])),
+    }
+    for attack, scores in result["attacks"].items():
+        for what in ("psnr", "ssim", "recognisable", "label_leakage"):
+            base[f"{attack}_{what}"] = scores[what]
+    base["max_ssim"] = max((s["ssim"] for s in result["attacks"].values()), default=float("nan"))
+    out = []
+    for name in links:
+        profile = link.profile(name)
+        stages = {
+            "device": np.array(measured["device_ms"]),
+            "cloud": np.array(measured["cloud_ms"]),
+            "transport": np.array(measured["transport_ms"]),
+            "uplink": link_delays_ms(profile, measured["bytes_up"], seed),
+            "downlink": link_delays_ms(profile, measured["bytes_down"], seed + 1),
+        }
+        row = dict(base, link=name)
+        for stage in (*LATENCY_STAGES, "total"):
+            values = sum(stages.values()) if stage == "total" else stages[stage]
+            row[f"{stage}_ms_median"] = float(np.median(values))
+            row[f"{stage}_ms_p95"] = float(np.percentile(values, 95))
+        out.append(row)
+    return out
+
+
+def write_table(table: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(table, indent=1))
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def sweep(
+    model_dir: Path,
+    *,
+    variants: list[Path],
+    splits: list[str] | None,
+    runtime: list[tuple[str, float]],
+    links: list[str],
+    attacks: list[str],
+    settings: Settings,
+    progress: bool = True,
+) -> list[dict]:
+    from tqdm import tqdm
+
+    todo = list(configs(model_dir, variants, splits, runtime))
+    results = {}
+    with tqdm(todo, desc="sweep", unit="config", disable=not progress) as bar:
+        for config in bar:
+            bar.set_postfix_str(config.label)
+            results[config] = evaluate(config, settings, attacks)
+    reference = results[Config(model_dir, todo[0].split)]["measured"]
+    return [row for config, result in results.items() for row in rows(config, result, links, reference, settings.seed)]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from splitleak.attacker.attacks import ATTACKS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=manifest.DEFAULT_MODEL_DIR, help="an exported model")
+    parser.add_argument(
+        "--variant",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model variant with a training-time defence (NoPeek, adversarial), exported with its manifest's "
+        "training_defence; repeat for several",
+    )
+    parser.add_argument("--split", action="append", help="split points (repeat; default: all)")
+    parser.add_argument(
+        "--defence",
+        action="append",
+        metavar="NAME:S1,S2,...",
+        help=f"run-time defences and strengths (repeat; default: {' '.join(DEFAULT_DEFENCES)}; 'none' for none)",
+    )
+    parser.add_argument(
+        "--link",
+        action="append",
+        choices=list(link.PROFILES),
+        help=f"link profiles (repeat; default: {' '.join(DEFAULT_LINKS)})",
+    )
+    parser.add_argument(
+        "--attack", action="append", choices=list(ATTACKS), help=f"attacks (default: {' '.join(DEFAULT_ATTACKS)})"
+    )
+    parser.add_argument("--dataset", default=None, help="default: cifar10 from the data root")
+    parser.add_argument("--frames", type=int, default=500, help="frames streamed per configuration")
+    parser.add_argument("--attack-frames", type=int, default=32, help="of those, how many each attack inverts")
+    parser.add_argument("--aux-images", type=int, default=4000, help="auxiliary images for the decoder")
+    parser.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="ATTACK.NAME=VALUE",
+        help="an attack's knob (see splitleak attack --help), e.g. decoder.epochs=5; repeat for several",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("sweep"), help="where the table and the plots go")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    dataset = args.dataset or data.default_dataset()
+    if dataset == "embedded":
+        print(
+            "sweep: the embedded photos have no labels; give --dataset (cifar10 needs the data root)", file=sys.stderr
+        )
+        return 2
+    specs = [] if args.defence == ["none"] else (args.defence or list(DEFAULT_DEFENCES))
+    try:
+        runtime = parse_defences(specs)
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    try:
+        knobs = parse_knobs(args.knob)
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    frames = min(args.attack_frames, args.frames)
+    settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs)
+    start = time.perf_counter()
+    table = sweep(
+        args.model_dir,
+        variants=args.variant,
+        splits=args.split,
+        runtime=runtime,
+        links=args.link or list(DEFAULT_LINKS),
+        attacks=args.attack or list(DEFAULT_ATTACKS),
+        settings=settings,
+    )
+    write_table(table, args.out)
+    if not args.no_plots:
+        from splitleak import plots
+
+        plots.write_all(table, args.out)
+    print(f"sweep: {len(table)} rows in {args.out / 'sweep.csv'} ({time.perf_counter() - start:.0f} s)")
+    return 0

@@ -1,0 +1,162 @@
+"""`splitleak sweep` and `splitleak recommend` on the tiny model: real cloud and device processes per configuration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import needs_shared
+
+from splitleak import cli, link, plots, recommend, sweep
+
+pytestmark = needs_shared
+
+SPLITS = ("layer1", "layer3")
+DEFENCES = ("quantise:4", "gaussian:2")
+LINKS = ("3g", "wifi")
+FAST_KNOBS = ("decoder.epochs=2", "decoder.width=32", "rmle.steps=20")
+
+
+def run_sweep(model_dir, out) -> int:
+    splits = [a for s in SPLITS for a in ("--split", s)]
+    defences = [a for d in DEFENCES for a in ("--defence", d)]
+    links = [a for name in LINKS for a in ("--link", name)]
+    knobs = [a for k in FAST_KNOBS for a in ("--knob", k)]
+    return cli.main(
+        ["sweep", "--model-dir", str(model_dir), *splits, *defences, *links, *knobs]
+        + ["--dataset", "cifar10", "--frames", "40", "--attack-frames", "8", "--aux-images", "200", "--out", str(out)]
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    assert run_sweep(tiny_model_dir, out) == 0
+    return out, json.loads((out / "sweep.json").read_text())
+
+
+def test_one_row_per_configuration_and_link_in_csv_and_json(swept):
+    out, table = swept
+    with open(out / "sweep.csv") as f:
+        from_csv = list(csv.DictReader(f))
+    assert len(table) == len(from_csv) == len(SPLITS) * (1 + len(DEFENCES)) * len(LINKS)
+    keys = {(r["split"], r["defence"], r["strength"], r["link"]) for r in table}
+    assert len(keys) == len(table)
+    for row in table:
+        assert row["frames"] == 40
+        assert 0 <= row["accuracy"] <= 1
+        for attack in sweep.DEFAULT_ATTACKS:
+            assert 0 <= row[f"{attack}_ssim"] <= 1 and math.isfinite(row[f"{attack}_psnr"])
+            assert 0 <= row[f"{attack}_recognisable"] <= 1 and 0 <= row[f"{attack}_label_leakage"] <= 1
+        assert row["max_ssim"] == max(row["decoder_ssim"], row["rmle_ssim"])
+        assert row["total_ms_median"] > 0 and row["total_ms_p95"] >= row["total_ms_median"]
+
+
+def by(table, **match) -> dict:
+    (row,) = [r for r in table if all(r[k] == v for k, v in match.items())]
+    return row
+
+
+def test_the_link_adds_the_link_models_delay_for_the_bytes_measured(swept):
+    _, table = swept
+    for row in table:
+        profile = link.profile(row["link"])
+        expected = profile.transmit_s(row["bytes_up"]) * 1e3 + profile.rtt_ms / 2
+        assert row["uplink_ms_median"] == pytest.approx(expected, rel=0.05, abs=profile.jitter_ms)
+    slow, fast = (
+        by(table, split="layer1", defence="none", link="3g"),
+        by(table, split="layer1", defence="none", link="wifi"),
+    )
+    assert slow["device_ms_median"] == fast["device_ms_median"]  # one run: only the link differs
+    assert slow["total_ms_median"] > fast["total_ms_median"] + 50
+
+
+def test_quantising_shrinks_the_bytes_and_keeps_the_accuracy(swept):
+    _, table = swept
+    plain = by(table, split="layer1", defence="none", link="wifi")
+    four_bits = by(table, split="layer1", defence="quantise", link="wifi")
+    assert four_bits["bytes_up"] < plain["bytes_up"] / 6  # 4 bits for 32, plus scale, zero point and framing
+    assert abs(four_bits["accuracy_drop"]) <= 10  # 40 frames: a few may change
+
+
+def test_undefended_decoder_leaks_more_at_the_first_split_than_the_last(swept):
+    _, table = swept
+    first = by(table, split="layer1", defence="none", link="wifi")
+    last = by(table, split="layer3", defence="none", link="wifi")
+    assert first["decoder_ssim"] > last["decoder_ssim"]
+    assert first["accuracy_drop"] == 0
+
+
+def test_plots_are_written_as_png_and_svg(swept):
+    out, _ = swept
+    for name in ("latency", "leakage", "tradeoff"):
+        for suffix in ("png", "svg"):
+            assert (out / f"{name}.{suffix}").stat().st_size > 5_000
+
+
+def test_a_warm_rerun_runs_nothing(swept, tiny_model_dir, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a warm re-run started a device")
+
+    monkeypatch.setattr(sweep, "run_device", fail)
+    assert run_sweep(tiny_model_dir, tmp_path) == 0
+    assert json.loads((tmp_path / "sweep.json").read_text()) == swept[1]
+
+
+def test_recommend_picks_the_fastest_configuration_within_the_bounds(swept, capsys):
+    out, table = swept
+    result = recommend.recommend(table, link_name="3g", max_ssim=0.9, max_drop=100.0)
+    eligible = [r for r in table if r["link"] == "3g" and r["max_ssim"] <= 0.9]
+    assert result["best"]["total_ms_median"] == min(r["total_ms_median"] for r in eligible)
+    assert len(result["verdicts"]) == len(SPLITS) * (1 + len(DEFENCES)) - 1
+    assert (
+        cli.main(["recommend", "--sweep", str(out), "--link", "3g", "--max-ssim", "0.9", "--max-accuracy-drop", "100"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "Recommended" in printed and "Why the others lost" in printed
+
+    assert cli.main(["recommend", "--sweep", str(out), "--link", "3g", "--max-ssim", "0"]) == 1
+    printed = capsys.readouterr().out
+    assert "No configuration meets the bounds" in printed and "recovers SSIM" in printed
+
+
+def test_recommend_says_what_the_sweep_lacks(swept, capsys, tmp_path):
+    out, _ = swept
+    assert cli.main(["recommend", "--sweep", str(out), "--link", "5g"]) == 2
+    assert "no rows for link '5g'" in capsys.readouterr().err
+    assert cli.main(["recommend", "--sweep", str(tmp_path)]) == 2
+    assert "run `splitleak sweep" in capsys.readouterr().err
+
+
+def test_bad_sweep_options_get_a_clear_error(tiny_model_dir, capsys):
+    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--defence", "gaussian"]) == 2
+    assert "gaussian needs strengths" in capsys.readouterr().err
+    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--knob", "decoder.nope=1"]) == 2
+    assert "decoder has no knob 'nope'" in capsys.readouterr().err
+
+
+def test_pareto_front_keeps_only_the_undominated_points():
+    points = [(0.9, 90.0), (0.5, 85.0), (0.6, 80.0), (0.2, 60.0), (0.2, 70.0), (0.95, 89.0)]
+    assert plots.pareto_front(points) == [4, 1, 0]
+
+
+def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_model_dir):
+    from splitleak import defences, manifest
+    from splitleak.attacker import scoring
+    from splitleak.attacker.attacks import build
+    from splitleak.attacker.attacks.base import query, session
+    from splitleak.attacker.replay import auxiliary_images
+
+    m = manifest.load(tiny_model_dir)
+    aux = auxiliary_images("cifar10", m, 400)
+    victims = aux[:64]  # scored on images the decoders trained on; only their difference matters here
+    knobs = dict(manifest=m, split="layer1", auxiliary=aux[64:], epochs=3, width=32)
+    noise = defences.build("gaussian", strength=2.0, split=m.split("layer1"))
+    tensors, _ = noise.apply(query(session(m.split("layer1").head), m, victims), np.random.default_rng(7))
+    plain = build("decoder", **knobs).invert(tensors["activation"])
+    adaptive = build("decoder", **knobs, defence="gaussian", strength=2.0, adapt_epochs=2).invert(tensors["activation"])
+    assert scoring.psnr(victims, adaptive).mean() > scoring.psnr(victims, plain).mean() + 0.5
