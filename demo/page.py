@@ -44,9 +44,12 @@ def config(
     dataset: str,
     attacks: dict[str, dict[str, live.ExportedInverse]],
     gallery: data.Dataset | None,
+    identity_note: str | None = None,
     start: dict,
 ) -> dict:
-    """What does not change while the demo runs: the choices the page offers, and what each means."""
+    """What does not change while the demo runs: the choices the page offers, and what each means.
+
+    With a `gallery`, the page names who is in each frame; without one, `identity_note` says why it cannot."""
     return {
         "model": m.name,
         "dataset": dataset,
@@ -72,6 +75,7 @@ def config(
         },
         "stages": [stage for stage in metrics.STAGES if stage != "total"],
         "people": None if gallery is None else people(gallery),
+        "identity_note": identity_note,
         "start": start,
     }
 

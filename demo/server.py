@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--faces",
         action="store_true",
         help="faces mode: the shipped ResNet-20 on AT&T faces, faces as frames (att_faces from the data root, else "
-        "scikit-image's 'embedded-faces'), and the attacker's guess of who is in each picture",
+        "scikit-image's 'embedded-faces', which names no one), and the attacker's guess of who is in each picture",
     )
     parser.add_argument("--split", help="split point to start with (default: the model's default)")
     parser.add_argument("--link", default="loopback", choices=list(link.PROFILES), help="link profile to start with")
@@ -135,18 +135,6 @@ def faces_dataset() -> str:
     return "att_faces" if root is not None and (root / "att_faces" / "test.npz").exists() else "embedded-faces"
 
 
-def faces_recipe(out: Path) -> str:
-    """The commands that make the faces model and its attacks, as they were made for the shipped one."""
-    checkpoint = data.cache_dir() / "checkpoints" / "resnet20-att_faces-size64.pt"
-    return "\n".join(
-        [
-            "  splitleak train --model resnet20 --dataset att_faces --size 64 --epochs 40 --batch-size 32 --lr 0.1",
-            f"  splitleak export --checkpoint {checkpoint} --out {out}",
-            f"  splitleak attacker train-decoder --model-dir {out} --aux-dataset att_faces --epochs 40",
-        ]
-    )
-
-
 def main(args: argparse.Namespace) -> int:
     default_dataset = faces_dataset() if args.faces else data.default_dataset()
     settings = Settings(
@@ -159,12 +147,6 @@ def main(args: argparse.Namespace) -> int:
         max_rate=args.fps,
         frames=args.frames,
     )
-    if args.faces and not (settings.model_dir / "manifest.json").exists():
-        print(
-            f"demo: no faces model at {settings.model_dir}; make it with\n{faces_recipe(settings.model_dir)}",
-            file=sys.stderr,
-        )
-        return 2
     try:
         simulation = Simulation(settings)
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -106,7 +106,7 @@ class Simulation:
 
     def start(self) -> None:
         s = self.settings
-        dataset = data.load(s.dataset, "test")
+        dataset = self.dataset = data.load(s.dataset, "test")
         self.attacker = live.LiveAttacker(self.manifest, self.attacks, dataset=dataset, gallery=self._gallery())
         with socket.create_server(("127.0.0.1", 0)) as listener:
             # Each in a session of its own: a Ctrl-C is for this process, which stops them in order.
@@ -194,6 +194,18 @@ class Simulation:
         faces = self.settings.dataset in data.IDENTITY_DATASETS and self.manifest.dataset == self.settings.dataset
         return data.load(self.settings.dataset, "train") if faces else None
 
+    def _identity_note(self) -> str | None:
+        """Why the page names no one: the model tells people apart, but the frames say nothing of who is in them."""
+        m = self.manifest
+        if self.attacker.gallery is not None or m.dataset not in data.IDENTITY_DATASETS:
+            return None
+        return (
+            f"Identity not available: the frames come from {self.dataset.name}, whose labels "
+            f"({' / '.join(self.dataset.classes)}) say nothing of who is in a picture, so the attacker has no gallery "
+            f"of the same people to name anyone against. With {m.dataset} in the data root (../shared/datasets or "
+            f"$SPLITLEAK_DATA), the demo streams its faces and names who is in each."
+        )
+
     # What the page is sent.
 
     def config(self) -> dict:
@@ -202,7 +214,12 @@ class Simulation:
         start = {"split": s.split or self.manifest.default_split, "link": s.link, "defence": s.defence}
         start |= {"strength": s.strength, "max_rate": s.max_rate}
         return page.config(
-            self.manifest, dataset=s.dataset, attacks=self.attacks, gallery=self.attacker.gallery, start=start
+            self.manifest,
+            dataset=s.dataset,
+            attacks=self.attacks,
+            gallery=self.attacker.gallery,
+            identity_note=self._identity_note(),
+            start=start,
         )
 
     def status(self) -> dict:

@@ -67,10 +67,18 @@ function drawImage(canvas, image) {
   });
 }
 
-function drawBlank(canvas) {
+function drawBlank(canvas, text) {
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#2c333d";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
+  if (!text) return;
+  ctx.fillStyle = "#9aa4b2";
+  ctx.font = "13px system-ui, sans-serif";
+  ctx.textAlign = "center";
+  text.split("\n").forEach((line, i, lines) => {
+    ctx.fillText(line, canvas.width / 2, canvas.height / 2 + 18 * (i - (lines.length - 1) / 2));
+  });
+  ctx.textAlign = "start";
 }
 
 function drawHeatmaps(activation) {
@@ -204,6 +212,7 @@ function attackCard(name, index) {
     `<h2>Reconstruction <small style="color:${ATTACK_COLOURS[index % ATTACK_COLOURS.length]}">${name}</small></h2>` +
     `<canvas width="192" height="192"></canvas><p class="scores"></p><p class="caption label"></p>` +
     `<div class="who" hidden><canvas width="48" height="48"></canvas><span></span></div>` +
+    `<p class="caption who-note" hidden>attacker's guess of who this is: not available (see above)</p>` +
     `<p class="caption" title="what this attacker knows">${config.attacks[name].knowledge}</p>`;
   drawBlank(card.querySelector("canvas"));
   return card;
@@ -228,14 +237,21 @@ function showFrame(frame) {
     const name = card.dataset.attack;
     const result = frame.attacks[name];
     const scores = card.querySelector(".scores"), label = card.querySelector(".label");
+    card.querySelector(".who-note").hidden = !config.identity_note || !result;
     if (!result) {
-      drawBlank(card.querySelector("canvas"));
-      card.querySelector(".who").hidden = true;
+      // Switched off on the page, or never trained for this split point: say which, never a silent blank.
       const exported = name in config.attacks && frame.split in config.attacks[name].held_out;
-      scores.textContent = exported ? "switched off" : `no ${name} for ${frame.split}`;
+      drawBlank(card.querySelector("canvas"), exported ? "switched off" : `not available\nat ${frame.split}`);
+      card.querySelector(".who").hidden = true;
+      card.classList.toggle("unavailable", !exported);
+      scores.textContent = exported
+        ? "switched off"
+        : `${name} is not available at ${frame.split}: no ${name} was trained for this split point ` +
+          `(it has one for ${Object.keys(config.attacks[name].held_out).join(", ")})`;
       label.textContent = "";
       continue;
     }
+    card.classList.remove("unavailable");
     drawImage(card.querySelector("canvas"), result.image);
     showGuess(card.querySelector(".who"), result.identity, frame.identity);
     scores.textContent =
@@ -366,8 +382,12 @@ async function send(change) {
 
 function buildControls() {
   $("model").textContent = `${config.model} · frames from ${config.dataset}`;
+  $("identity-note").hidden = !config.identity_note;
+  $("identity-note").textContent = config.identity_note || "";
   const splits = Object.entries(config.splits);
-  options($("split"), splits.map(([name, s]) => [name, `${name} (${s.shape.join("×")})`]));
+  const attacked = (split) => Object.values(config.attacks).some((a) => split in a.held_out);
+  const splitText = (name, s) => `${name} (${s.shape.join("×")})${attacked(name) ? "" : " · no attack trained"}`;
+  options($("split"), splits.map(([name, s]) => [name, splitText(name, s)]));
   options($("link"), Object.entries(config.links));
   options($("defence"), Object.keys(config.defences).map((name) => [name, name]));
   $("split").value = config.start.split;
