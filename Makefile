@@ -11,7 +11,11 @@ $(BIN)/.installed: pyproject.toml
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-.PHONY: install run demo test bench lint protos
+# The demo page's Firefox test drives Debian's Firefox ESR over WebDriver BiDi; `make test` skips it without one.
+/usr/bin/firefox-esr:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq firefox-esr
+
+.PHONY: install run demo test test-firefox bench lint protos
 install: $(BIN)/.installed
 
 run: install  ## the cloud and the device as two processes, 200 frames, per-stage latency
@@ -22,6 +26,9 @@ demo: install  ## the live attack demo in the browser: prints the address to ope
 
 test: install /usr/bin/chromium  ## the whole suite: real processes, real gRPC, real data, real Chromium
 	$(BIN)/pytest
+
+test-firefox: install /usr/bin/firefox-esr  ## the demo's page in a real Firefox
+	$(BIN)/pytest tests/test_demo.py -k firefox
 
 bench: install  ## the benchmarks in bench/, side by side against their baselines
 	$(BIN)/pytest bench --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
