@@ -12,8 +12,8 @@ measured bytes each way, so
 
 one frame at a time (the device's closed loop: no queueing). `--link loopback` is the measured run itself.
 
-The attacker is adaptive: the decoder is trained on the undefended head, then further on activations passed through
-the same defence at the same strength; rMLE, for defences that zero elements, matches only what arrived non-zero.
+The attacker is adaptive: it knows the defence and its strength. The decoder is trained on the undefended head, then
+further on activations passed through the same defence; rMLE models the defence in its distance (see its module).
 A training-time defence (NoPeek, adversarial training) is a model variant (`--variant DIR`, exported with its
 `training_defence` in the manifest); its rows are the variant with no run-time defence, attacked the same way.
 
@@ -48,7 +48,6 @@ DEFAULT_ATTACKS = ("decoder", "rmle")
 # defence adds one epoch of adaptation; rMLE runs 300 steps on 16 frames (bench/attack_table.py runs 5,000).
 ATTACK_KNOBS = {"decoder": {"epochs": 10, "adapt_epochs": 1}, "rmle": {"steps": 300}}
 ATTACK_FRAMES = {"rmle": 16}  # at most this many frames for the slow attacks
-ZEROING_DEFENCES = ("dropout", "channel-dropout", "topk")  # rMLE, knowing them, matches only non-zero elements
 LATENCY_STAGES = ("device", "uplink", "cloud", "downlink", "transport")
 RECOGNISABLE_SSIM = 0.3
 
@@ -240,8 +239,6 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
         given["auxiliary"] = auxiliary_images(settings.dataset, m, settings.aux_images, settings.seed)
     if "defence" in parameters and config.defence != "none":
         given.update(defence=config.defence, strength=config.strength)
-    if "observed_only" in parameters:
-        given["observed_only"] = config.defence in ZEROING_DEFENCES
     start = time.perf_counter()
     attacker = build(attack, **given)
     built = time.perf_counter()

@@ -160,3 +160,19 @@ def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_mod
     plain = build("decoder", **knobs).invert(tensors["activation"])
     adaptive = build("decoder", **knobs, defence="gaussian", strength=2.0, adapt_epochs=2).invert(tensors["activation"])
     assert scoring.psnr(victims, adaptive).mean() > scoring.psnr(victims, plain).mean() + 0.5
+
+
+def test_rmle_that_knows_the_dropout_beats_rmle_that_does_not(tiny_model_dir):
+    from splitleak import defences, manifest
+    from splitleak.attacker import scoring
+    from splitleak.attacker.attacks import build
+    from splitleak.attacker.attacks.base import query, session
+    from splitleak.attacker.replay import auxiliary_images
+
+    m = manifest.load(tiny_model_dir)
+    victims = auxiliary_images("cifar10", m, 8, seed=3)
+    dropout = defences.build("dropout", strength=0.5, split=m.split("stem"))
+    tensors, _ = dropout.apply(query(session(m.split("stem").head), m, victims), np.random.default_rng(1))
+    plain = build("rmle", manifest=m, split="stem", steps=60).invert(tensors["activation"])
+    aware = build("rmle", manifest=m, split="stem", steps=60, defence="dropout", strength=0.5)
+    assert scoring.psnr(victims, aware.invert(tensors["activation"])).mean() > scoring.psnr(victims, plain).mean() + 3

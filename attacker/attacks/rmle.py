@@ -15,11 +15,13 @@ points, 1e-3 and 5000 at deep ones.
 
 The attacker converts the head's ONNX file, pulled out of the app, to torch with onnx2torch to get gradients.
 
-Against a defence that zeroes part of the activation (dropout, channel dropout, top-k pruning: splitleak.defences)
-an attacker who knows it sets `observed_only`: the distance then counts only the elements that arrived non-zero, so
-the optimiser is not asked to make the image produce zeros where the defence, not the image, put them. Against noise
-the plain squared distance is already the maximum-likelihood fit for Gaussian noise, and quantised activations arrive
-restored to within one step, so the same loss serves.
+Against a defended device the attacker is told the defence and its strength (`defence`, `strength`; a phone app's
+defence is no secret) and models it. A defence that zeroes part of the activation (dropout, channel dropout, top-k
+pruning: splitleak.defences) leaves the other elements as they were, dropout scaled by 1 / (1 - p): the distance
+then counts only the elements that arrived non-zero, against the head's output scaled the same way, so the optimiser
+is not asked to make the image produce zeros where the defence, not the image, put them. Against noise the plain
+squared distance is already the maximum-likelihood fit for Gaussian noise, and quantised activations arrive restored
+to within one step, so the same loss serves.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ import numpy as np
 import onnx2torch
 import torch
 
+from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, check_positive
 from splitleak.manifest import Manifest
+
+ZEROING_DEFENCES = ("dropout", "channel-dropout", "topk")  # what they zero is the defence's, not the image's
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -52,14 +57,15 @@ class RegularizedMLE(Attack):
         lr: float = 0.01,
         tv_weight: float = 0.0,
         batch_size: int = 64,
-        observed_only: bool = False,
+        defence: str = "none",
+        strength: float | None = None,
     ) -> None:
         super().__init__(manifest=manifest, split=split)
         check_positive(steps=steps, lr=lr, batch_size=batch_size)
         if tv_weight < 0:
             raise ValueError(f"tv_weight must be at least 0, not {tv_weight!r}")
         self.steps, self.lr, self.tv_weight, self.batch_size = steps, lr, tv_weight, batch_size
-        self.observed_only = observed_only
+        self.defence = defences.build(defence, strength=strength, split=self.split)
         self.head = onnx2torch.convert(str(self.split.head)).eval()
         self.head.requires_grad_(False)
         self.mean = torch.from_numpy(manifest.mean)[:, None, None]
@@ -79,11 +85,14 @@ class RegularizedMLE(Attack):
         c, h, w = self.manifest.input_shape
         x = torch.full((len(target), c, h, w), 0.5, requires_grad=True)  # (N, C, H, W) in [0, 1]: constant grey
         optimizer = torch.optim.Adam([x], lr=self.lr, amsgrad=True)
-        weight = (target != 0).float() if self.observed_only else torch.ones_like(target)
+        zeroing = self.defence.name in ZEROING_DEFENCES
+        weight = (target != 0).float() if zeroing else torch.ones_like(target)
         weight = weight / weight.flatten(1).sum(1).clamp(min=1).view(-1, *[1] * (target.dim() - 1))
+        scale = 1 / (1 - self.defence.strength) if self.defence.name in ("dropout", "channel-dropout") else 1.0
         for _ in range(self.steps):
             optimizer.zero_grad(set_to_none=True)
-            distance = ((self.head((x - self.mean) / self.std) - target).square() * weight).flatten(1).sum(1)
+            predicted = self.head((x - self.mean) / self.std) * scale
+            distance = ((predicted - target).square() * weight).flatten(1).sum(1)
             loss = (distance + self.tv_weight * total_variation(x)).sum()
             loss.backward()
             optimizer.step()
