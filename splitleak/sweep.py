@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import functools
 import hashlib
 import inspect
 import json
@@ -52,6 +53,12 @@ LATENCY_STAGES = ("device", "uplink", "cloud", "downlink", "transport")
 RECOGNISABLE_SSIM = 0.3
 
 
+@functools.cache
+def load_manifest(model_dir: Path) -> manifest.Manifest:
+    """Each model folder is read (and its files' sha256 checked) once per sweep, not once per configuration."""
+    return manifest.load(model_dir)
+
+
 @dataclass(frozen=True)
 class Config:
     """One real device -> cloud run: a model folder, a split point, and the run-time defence at a strength."""
@@ -63,7 +70,7 @@ class Config:
 
     @property
     def label(self) -> str:
-        return f"{manifest.load(self.model_dir).name}.{self.split} {self.defence} {self.strength:g}"
+        return f"{load_manifest(self.model_dir).name}.{self.split} {self.defence} {self.strength:g}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ def parse_knobs(specs: list[str]) -> dict[str, dict]:
 
 def configs(model_dir: Path, variants: list[Path], splits: list[str] | None, runtime: list[tuple[str, float]]):
     """Every configuration: each split of the model undefended and with each run-time defence, and each variant."""
-    m = manifest.load(model_dir)
+    m = load_manifest(model_dir)
     chosen = splits or list(m.splits)
     for split in chosen:
         m.split(split)  # an unknown split fails here, before anything runs
@@ -139,7 +146,7 @@ def configs(model_dir: Path, variants: list[Path], splits: list[str] | None, run
         for name, strength in runtime:
             yield Config(model_dir, split, name, strength)
     for variant in variants:
-        v = manifest.load(variant)
+        v = load_manifest(variant)
         for split in chosen:
             if split in v.splits:
                 yield Config(variant, split)
@@ -158,7 +165,7 @@ def _key(*parts) -> str:
 
 
 def _model_key(model_dir: Path, split: str) -> str:
-    m = manifest.load(model_dir)  # load checks every file's sha256 against the manifest
+    m = load_manifest(model_dir)  # load checks every file's sha256 against the manifest
     return f"{m.name}-{_key((model_dir / 'manifest.json').read_text(), split)}"
 
 
@@ -227,7 +234,7 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
     from splitleak.attacker.attacks import ATTACKS, build
     from splitleak.attacker.replay import auxiliary_images
 
-    m = manifest.load(config.model_dir)
+    m = load_manifest(config.model_dir)
     split = m.split(config.split)
     recorded = capture.read(capture_dir)
     frame_ids, activations = recorded.activations(m.served_name(split.name), shape=split.activation_shape)
@@ -294,7 +301,7 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
     measured = result["measured"]
     variant = training_defence(config.model_dir)
     base = {
-        "model": manifest.load(config.model_dir).name,
+        "model": load_manifest(config.model_dir).name,
         "split": config.split,
         "defence": variant["name"] if variant else config.defence,
         "strength": variant["strength"] if variant else config.strength,
