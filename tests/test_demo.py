@@ -1,15 +1,21 @@
 """`splitleak demo` in a real browser: Debian's Chromium, driven by Playwright, against the real processes.
 
-The page must show scored reconstructions as they happen, follow a change of split point while everything runs, and
-say so when a process dies. Screenshots are kept in artifacts/ (git-ignored) for a person to look at.
+The page must show scored reconstructions as they happen, follow a change of split point while everything runs, say
+where an attack is not available, and say so when a process dies. Faces mode names who the attacker takes each face
+for, or says why it cannot. Screenshots are kept in artifacts/ (git-ignored) for a person to look at.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import itertools
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import EXPORTED_SPLITS, needs_shared
+from conftest import EXPORTED_SPLITS, SHARED, needs_shared
 
 CHROMIUM = Path("/usr/bin/chromium")
+FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
 VIEWPORT = {"width": 1400, "height": 1000}
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 # As the Makefile's CI starts it: no GPU, no sandbox (root in a container), and nothing that calls home.
@@ -34,11 +41,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = [
-    needs_shared,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)"),
-]
+needs_att_faces = pytest.mark.skipif(
+    SHARED is None or not (SHARED / "att_faces" / "test.npz").exists(),
+    reason="../shared/datasets (or $SPLITLEAK_DATA) with att_faces is not here: faces mode then names no one",
+)
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)"
+)
 
 
 def reconstructions(page) -> int:
@@ -68,6 +78,8 @@ def open_browser(p, profile: Path):
     )
 
 
+@needs_shared
+@needs_chromium
 def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_when_a_process_dies(
     attacked_model_dir, tmp_path
 ):
@@ -102,6 +114,12 @@ def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_w
             page.screenshot(path=ARTIFACTS / "demo.png", full_page=True)
             shown_per_s = measure_page_rate(page)
 
+            page.select_option("#split", "layer3")  # no decoder was trained for it
+            page.wait_for_function("document.querySelector('#live').dataset.split === 'layer3'")
+            scores = page.inner_text(".attack[data-attack=decoder] .scores")
+            assert scores.startswith("decoder is not available at layer3: no decoder was trained"), scores
+            assert "no attack trained" in page.inner_text("#split option[value=layer3]")
+
             status = json.loads(urllib.request.urlopen(url + "status", timeout=10).read())
             os.kill(status["processes"]["cloud"]["pid"], signal.SIGKILL)
             page.wait_for_selector("#banner", state="visible", timeout=15_000)
@@ -130,22 +148,166 @@ def measure_page_rate(page, seconds: float = 3.0) -> float:
     return (reconstructions(page) - before) / seconds
 
 
-def test_faces_mode_shows_whom_the_attacker_takes_each_reconstructed_face_for(tiny_faces_model_dir, tmp_path):
+@needs_att_faces
+@needs_chromium
+def test_faces_mode_shows_whom_the_attacker_takes_each_reconstructed_face_for(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    demo, url = start_demo("--faces", "--models", str(tiny_faces_model_dir))
+    demo, url = start_demo("--faces")  # the shipped faces model, out of the box
+    try:
+        with sync_playwright() as p:
+            browser = open_browser(p, tmp_path / "profile")
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            wait_for_reconstructions(page, 10)
+            assert page.inner_text("#model") == "resnet20-att_faces · frames from att_faces"
+            assert re.search(r"· person s\d+$", page.inner_text("#frame-caption"))
+            scores = page.inner_text(".attack[data-attack=decoder] .scores")
+            assert re.fullmatch(r"PSNR \d+\.\d dB · SSIM -?\d\.\d{3}", scores), scores
+            guess = page.inner_text(".attack[data-attack=decoder] .who span")
+            assert re.fullmatch(r"attacker's guess: person s\d+ · (right|wrong)", guess), guess
+            assert page.is_hidden("#identity-note")
+            page.screenshot(path=ARTIFACTS / "demo-faces.png", full_page=True)
+            assert errors == []
+            browser.close()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0
+
+
+@needs_chromium
+def test_faces_mode_on_scikit_images_faces_says_why_it_names_no_one(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    demo, url = start_demo("--faces", "--dataset", "embedded-faces")  # what --faces streams without att_faces
     try:
         with sync_playwright() as p:
             browser = open_browser(p, tmp_path / "profile")
             page = browser.new_page()
             page.goto(url)
             wait_for_reconstructions(page, 10)
-            assert "frames from att_faces" in page.inner_text("#model")
-            assert re.search(r"· person s\d+$", page.inner_text("#frame-caption"))
-            guess = page.inner_text(".attack[data-attack=decoder] .who span")
-            assert re.fullmatch(r"attacker's guess: person s\d+ · (right|wrong)", guess), guess
-            page.screenshot(path=ARTIFACTS / "demo-faces.png", full_page=True)
+            note = page.inner_text("#identity-note")
+            assert note.startswith("Identity not available: the frames come from embedded-faces"), note
+            assert "(not a face / face)" in note and "att_faces" in note
+            assert page.is_hidden(".attack[data-attack=decoder] .who")
+            assert "not available" in page.inner_text(".attack[data-attack=decoder] .who-note")
+            assert page.inner_text("#truth") == ""  # its labels are not the model's people
+            page.screenshot(path=ARTIFACTS / "demo-faces-embedded.png", full_page=True)
             browser.close()
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=60) == 0
+
+
+class FirefoxPage:
+    """One tab of a headless Firefox, driven over WebDriver BiDi (the W3C protocol Firefox itself serves).
+
+    Playwright drives only its own patched Firefox build, which is never downloaded here, so this speaks the
+    protocol directly to Debian's `firefox-esr`: a WebSocket at ws://127.0.0.1:PORT/session and a handful of
+    commands. With --remote-debugging-port, Firefox applies its recommended automation preferences (no updates,
+    no telemetry, no first-run pages) to the fresh profile."""
+
+    def __init__(self, ws) -> None:
+        self.ws, self.ids, self.pending, self.errors = ws, itertools.count(1), {}, []
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            m = json.loads(message.data)
+            if m.get("id") in self.pending:
+                self.pending.pop(m["id"]).set_result(m)
+            elif m.get("method") == "log.entryAdded" and m["params"]["type"] == "javascript":
+                self.errors.append(m["params"]["text"])  # an uncaught error in the page
+
+    async def send(self, method: str, **params) -> dict:
+        key = next(self.ids)
+        self.pending[key] = reply = asyncio.get_running_loop().create_future()
+        await self.ws.send_json({"id": key, "method": method, "params": params})
+        m = await asyncio.wait_for(reply, 60)
+        if m["type"] == "error":
+            raise RuntimeError(f"{method}: {m['error']}: {m['message']}")
+        return m["result"]
+
+    async def open(self, url: str) -> None:
+        await self.send("session.new", capabilities={})
+        await self.send("session.subscribe", events=["log.entryAdded"])
+        self.context = (await self.send("browsingContext.getTree"))["contexts"][0]["context"]
+        await self.send("browsingContext.setViewport", context=self.context, viewport=VIEWPORT)
+        await self.send("browsingContext.navigate", context=self.context, url=url, wait="complete")
+
+    async def evaluate(self, expression: str):
+        target = {"context": self.context}
+        result = await self.send("script.evaluate", expression=expression, target=target, awaitPromise=True)
+        if result["type"] == "exception":
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']['text']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not await self.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout_s} s for {expression}")
+            await asyncio.sleep(0.2)
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.send("browsingContext.captureScreenshot", context=self.context, origin="document")
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def start_firefox(profile: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:  # a free port for Firefox to listen on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile.mkdir()
+    cmd = [FIREFOX, "--headless", "--no-remote", "--profile", str(profile), "--remote-debugging-port", str(port)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
+
+
+async def drive_firefox(url: str, port: int) -> list[str]:
+    """The page in Firefox: scored reconstructions arrive, a change of split point takes effect; returns its errors."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        for _ in range(150):  # Firefox takes a few seconds to start listening
+            try:
+                ws = await http.ws_connect(f"ws://127.0.0.1:{port}/session")
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail(f"Firefox did not serve WebDriver BiDi on port {port}")
+        page = FirefoxPage(ws)
+        await page.open(url)
+        reconstructions = "Number(document.querySelector('#live').dataset.reconstructions)"
+        await page.wait_for(f"{reconstructions} >= 20")
+        scores = await page.evaluate("document.querySelector('.attack[data-attack=decoder] .scores').innerText")
+        assert re.fullmatch(r"PSNR \d+\.\d dB · SSIM -?\d\.\d{3}", scores), scores
+        await page.evaluate(
+            "const s = document.querySelector('#split'); s.value = 'layer2'; s.dispatchEvent(new Event('change'))"
+        )
+        await page.wait_for("document.querySelector('#live').dataset.split === 'layer2'")
+        switched = await page.evaluate(reconstructions)
+        await page.wait_for(f"{reconstructions} >= {switched + 10}")
+        assert "32×16×16" in await page.evaluate("document.querySelector('#activation-caption').innerText")
+        await page.screenshot(ARTIFACTS / "demo-firefox.png")
+        await page.send("session.end")
+        page.reader.cancel()
+        return page.errors
+
+
+@pytest.mark.skipif(FIREFOX is None, reason="needs Firefox (apt-get install firefox-esr)")
+def test_the_demo_page_works_in_firefox(tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    demo, url = start_demo("--dataset", "embedded")  # the shipped model and its decoders: no data root needed
+    firefox, port = start_firefox(tmp_path / "profile")
+    try:
+        errors = asyncio.run(drive_firefox(url, port))
+    finally:
+        firefox.terminate()
+        firefox.wait(timeout=30)
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(timeout=60)
+    assert errors == []
+    assert code == 0
