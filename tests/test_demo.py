@@ -1,4 +1,4 @@
-"""`splitleak demo` in a real browser: Debian's Chromium, driven by Playwright, against the real processes.
+"""`splitleak demo` in real browsers against the real processes: Debian's Chromium driven by Playwright, and Firefox.
 
 The page must show scored reconstructions as they happen, follow a change of split point while everything runs, say
 where an attack is not available, and say so when a process dies. Faces mode names who the attacker takes each face
