@@ -50,7 +50,7 @@ def _splits(rows: list[dict]) -> list[str]:
 def latency(table: list[dict]) -> plt.Figure:
     rows = _undefended(table)
     links = list(dict.fromkeys(r["link"] for r in rows))
-    figure, axes = plt.subplots(1, len(links), figsize=(4 * len(links), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.8), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], links, strict=True):
         here = [r for r in rows if r["link"] == name]
         splits = _splits(here)
@@ -74,7 +74,7 @@ def _attacks(table: list[dict]) -> list[str]:
 def leakage(table: list[dict]) -> plt.Figure:
     rows = [r for r in _undefended(table) if r["link"] == table[0]["link"]]
     splits = _splits(rows)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
     for attack in _attacks(table):
         by_split = {r["split"]: r for r in rows}
         left.plot(splits, [by_split[s][f"{attack}_ssim"] for s in splits], marker="o", label=attack)
@@ -100,7 +100,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def tradeoff(table: list[dict]) -> plt.Figure:
     rows = [r for r in table if r["link"] == table[0]["link"]]
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    figure, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     markers = dict(zip(_splits(rows), "osD^vP*X", strict=False))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, defence in enumerate(dict.fromkeys(r["defence"] for r in rows)):
