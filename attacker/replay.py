@@ -3,8 +3,9 @@
 The attacker has the capture (splitleak.attacker.capture), the exported model folder pulled out of the app (its
 heads, and the manifest that says how frames are normalised), and, for attacks that train, auxiliary images of the
 same kind: by default the *train* split of the data set the victim's frames come from, which are drawn from the test
-split, so no victim frame is ever trained on. Knobs are read off each attack's constructor, so `--help` lists them
-all and a new attack's knobs need no code here.
+split, so no victim frame is ever trained on; attacks that train through the cloud's classifier (`shadow`) also get
+their labels. Knobs are read off each attack's constructor, so `--help` lists them all and a new attack's knobs need
+no code here.
 
 Writes, per served model (NAME.SPLIT) in the capture, `reconstructions.png` and `summary.json` under --out.
 """
@@ -24,7 +25,7 @@ from splitleak.attacker import scoring
 from splitleak.attacker.attacks import ATTACKS, build
 
 # What an attack is given rather than tuned with: the CLI fills these in, never the user.
-KNOWLEDGE = ("manifest", "split", "auxiliary", "progress")
+KNOWLEDGE = ("manifest", "split", "auxiliary", "auxiliary_labels", "progress")
 # Data sets whose labels name people: their reconstructions are also scored for identity leakage.
 IDENTITY_DATASETS = ("att_faces",)
 
@@ -37,9 +38,18 @@ def knobs_of(attack: str) -> dict[str, inspect.Parameter]:
 
 def auxiliary_images(dataset: str, m: manifest.Manifest, limit: int | None, seed: int = 0) -> np.ndarray:
     """`limit` train-split images of `dataset` drawn at random (the shared sets are stored grouped by class)."""
+    return auxiliary_set(dataset, m, limit, seed)[0]
+
+
+def auxiliary_set(
+    dataset: str, m: manifest.Manifest, limit: int | None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images of `auxiliary_images` and their labels as the model's class indices, or None for labels when the
+    data set's classes are not the model's (an attacker's photos of other things have no label the tail knows)."""
     ds = data.load(dataset, "train")
-    indices = np.random.default_rng(seed).permutation(len(ds))[:limit]
-    return data.resize(ds.images[np.sort(indices)], m.input_shape[1], m.input_shape[0])
+    indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
+    images = data.resize(ds.images[indices], m.input_shape[1], m.input_shape[0])
+    return images, ds.labels[indices] if tuple(ds.classes) == m.classes else None
 
 
 def replay(
@@ -74,7 +84,14 @@ def replay(
         aux_dataset = aux_dataset or dataset
         if aux_dataset is None:
             raise ValueError(f"{attack} trains on auxiliary images: the capture names no data set, so give one")
-        given["auxiliary"] = auxiliary_images(aux_dataset, m, aux_limit)
+        given["auxiliary"], labels = auxiliary_set(aux_dataset, m, aux_limit)
+        if "auxiliary_labels" in parameters:
+            if labels is None:
+                raise ValueError(
+                    f"{attack} trains through the model's classifier, so its auxiliary images need the model's labels, "
+                    f"but {aux_dataset}'s classes are not {m.name}'s"
+                )
+            given["auxiliary_labels"] = labels
     if "progress" in parameters:
         given["progress"] = progress
 
