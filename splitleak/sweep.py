@@ -17,7 +17,8 @@ further on activations passed through the same defence; rMLE models the defence 
 A training-time defence (NoPeek, adversarial training) is a model variant (`--variant DIR`, exported with its
 `training_defence` in the manifest); its rows are the variant with no run-time defence, attacked the same way.
 
-Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), and the plots (PNG and SVG:
+Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), `sweep.md` (the same for
+people: one line per configuration, the links side by side), and the plots (PNG and SVG:
 splitleak.plots). What a configuration measured or an attack scored is cached under the cache folder
 (`SPLITLEAK_CACHE`), keyed by the model's files and every setting that changes it, so a re-run only does what changed.
 """
@@ -334,9 +335,31 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
     return out
 
 
+def markdown(table: list[dict]) -> str:
+    """The table for people: one line per configuration, the links side by side (median total latency)."""
+    links = list(dict.fromkeys(r["link"] for r in table))
+    attacks = [k.removesuffix("_ssim") for k in table[0] if k.endswith("_ssim") and k != "max_ssim"]
+    head = ["split", "defence", "strength", "accuracy", "drop (points)", "bytes up"]
+    head += [f"{a} SSIM" for a in attacks] + [f"{a} label leakage" for a in attacks] + [f"{n} ms" for n in links]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for r in table:
+        by_config.setdefault((r["model"], r["split"], r["defence"], r["strength"]), {})[r["link"]] = r
+    for (_, split, defence, strength), per_link in by_config.items():
+        r = per_link[links[0]]
+        trained = " (trained)" if r["training_time"] else ""
+        cells = [split, defence + trained, f"{strength:g}", f"{100 * r['accuracy']:.1f}%", f"{r['accuracy_drop']:.1f}"]
+        cells += [f"{r['bytes_up']:,.0f}"] + [f"{r[f'{a}_ssim']:.3f}" for a in attacks]
+        cells += [f"{100 * r[f'{a}_label_leakage']:.0f}%" for a in attacks]
+        cells += [f"{per_link[n]['total_ms_median']:.1f}" for n in links]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(table: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(table, indent=1))
+    (out / "sweep.md").write_text(markdown(table))
     columns = list(dict.fromkeys(k for row in table for k in row))
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)

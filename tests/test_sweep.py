@@ -45,6 +45,8 @@ def test_one_row_per_configuration_and_link_in_csv_and_json(swept):
     assert len(table) == len(from_csv) == len(SPLITS) * (1 + len(DEFENCES)) * len(LINKS)
     keys = {(r["split"], r["defence"], r["strength"], r["link"]) for r in table}
     assert len(keys) == len(table)
+    lines = (out / "sweep.md").read_text().splitlines()  # for people: a line per configuration, links side by side
+    assert len(lines) == 2 + len(SPLITS) * (1 + len(DEFENCES)) and lines[0].endswith("| 3g ms | wifi ms |")
     for row in table:
         assert row["frames"] == 40
         assert 0 <= row["accuracy"] <= 1
