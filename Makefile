@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-# The demo page's Firefox test drives Debian's Firefox ESR over WebDriver BiDi; `make test` skips it without one.
+# The demo page's Firefox test drives Debian's Firefox ESR over WebDriver BiDi (skipped where there is none).
 /usr/bin/firefox-esr:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq firefox-esr
 
@@ -24,7 +24,7 @@ run: install  ## the cloud and the device as two processes, 200 frames, per-stag
 demo: install  ## the live attack demo in the browser: prints the address to open
 	$(BIN)/splitleak demo
 
-test: install /usr/bin/chromium  ## the whole suite: real processes, real gRPC, real data, real Chromium
+test: install /usr/bin/chromium /usr/bin/firefox-esr  ## the whole suite: real processes, gRPC, data, Chromium, Firefox
 	$(BIN)/pytest
 
 test-firefox: install /usr/bin/firefox-esr  ## the demo's page in a real Firefox
