@@ -66,33 +66,3 @@ def attacked_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     knobs = ["--aux-limit", "500", "--epochs", "2", "--width", "32", "--lr", "3e-3", "--held-out", "100"]
     assert cli.main(["attacker", "train-decoder", "--model-dir", str(out), *splits, *knobs]) == 0
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_faces_model_dir(isolated_cache, tmp_path_factory) -> Path:
-    """ResNet-20 trained for a few epochs on AT&T faces at 32x32, exported, with a decoder at its default split."""
-    if SHARED is None or not (SHARED / "att_faces" / "test.npz").exists():
-        pytest.skip("needs att_faces in ../shared/datasets")
-    from splitleak import cli
-    from splitleak.export import export_checkpoint
-    from splitleak.train import TrainConfig, train
-
-    checkpoint = train(
-        TrainConfig(model="resnet20", dataset="att_faces", epochs=4, batch_size=32, lr=0.1, size=32), progress=False
-    )
-    out = tmp_path_factory.mktemp("faces") / "resnet20-att_faces"
-    export_checkpoint(checkpoint, out)
-    decoder = [
-        "--split",
-        "layer1",
-        "--aux-dataset",
-        "att_faces",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--held-out",
-        "40",
-    ]
-    assert cli.main(["attacker", "train-decoder", "--model-dir", str(out), *decoder]) == 0
-    return out
