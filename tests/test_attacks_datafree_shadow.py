@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import needs_shared
 
-from splitleak import data, export, manifest, zoo
+from splitleak import data, defences, export, manifest, zoo
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.attacks.datafree import blocks_of
@@ -145,3 +145,15 @@ def test_shadow_refuses_auxiliary_images_without_a_label_each(tiny_model_dir, au
             auxiliary=images,
             auxiliary_labels=labels[:-1],
         )
+
+
+def test_datafree_that_knows_the_noise_beats_datafree_that_does_not(model_dir_with_batch_norm, victim):
+    m = manifest.load(model_dir_with_batch_norm)
+    knobs = dict(manifest=m, split="stem", synthetic_images=64, synthesis_steps=100, epochs=30, width=32)
+    noise = defences.build("gaussian", strength=2.0, split=m.split("stem"))
+    tensors, _ = noise.apply(intercept(model_dir_with_batch_norm, "stem", victim), np.random.default_rng(5))
+
+    plain = build("datafree", **knobs).invert(tensors["activation"])
+    aware = build("datafree", **knobs, defence="gaussian", strength=2.0).invert(tensors["activation"])
+
+    assert np.mean(psnr(victim, aware)) > np.mean(psnr(victim, plain)) + 1

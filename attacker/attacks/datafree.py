@@ -14,6 +14,10 @@ inversion attacks" (2021, arXiv:2107.06304), in three steps:
 3. Conquer: chain the inverses from the activation back to the image and fine-tune them together on the same two
    terms, the image and the head's re-encoding of it. Inverting an activation is then one forward pass.
 
+Against a defended device the attacker, told the defence and its strength, adapts as the decoder does: it trains
+the undefended inverses, then goes on for `adapt_epochs` with the activation passed through the same defence
+(restored as the cloud restores it) on its way into the last inverse, the targets staying the clean features.
+
 Each term is a mean squared error divided by its target's variance, so blocks and terms of different scales weigh
 alike. The statistics are in the head only when its ONNX file keeps BatchNormalization nodes: an exporter that folds
 them into the convolutions (torch.onnx's default constant folding, TFLite, Core ML) leaves nothing to match.
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 from torch import fx, nn
 
+from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, cache_path, check_positive
 from splitleak.attacker.attacks.rmle import total_variation
 from splitleak.manifest import Manifest
@@ -123,6 +128,9 @@ class DivideAndConquerInversion(Attack):
         width: int = 64,
         cycle_weight: float = 1.0,
         seed: int = 0,
+        defence: str = "none",
+        strength: float | None = None,
+        adapt_epochs: int = 10,
         progress: bool = False,
     ) -> None:
         super().__init__(manifest=manifest, split=split)
@@ -133,7 +141,10 @@ class DivideAndConquerInversion(Attack):
             batch_size=batch_size,
             lr=lr,
             width=width,
+            adapt_epochs=adapt_epochs,
         )
+        self.defence = defences.build(defence, strength=strength, split=self.split)
+        self._rng = np.random.default_rng(seed)
         if cycle_weight < 0:
             raise ValueError(f"cycle_weight must be at least 0, not {cycle_weight!r}")
         head = onnx2torch.convert(str(self.split.head)).eval()
@@ -160,22 +171,36 @@ class DivideAndConquerInversion(Attack):
             "cycle_weight": cycle_weight,
             "seed": seed,
         }
+        undefended = self.defence.name == "none"
         path = cache_path(self.name, manifest, split, knobs)
+        if not undefended:
+            defended = dict(knobs, defence=self.defence.name, strength=self.defence.strength, adapt_epochs=adapt_epochs)
+            path = cache_path(self.name, manifest, split, defended)
+        train = dict(batch_size=batch_size, lr=lr, cycle_weight=cycle_weight, progress=progress)
         if path.exists():
             self.inverses.load_state_dict(torch.load(path, weights_only=True))
         else:
+            synthesis = dict(n=synthetic_images, steps=synthesis_steps, batch_size=batch_size, seed=seed)
+            synthetic = self._synthetic(cache_path(self.name, manifest, split, knobs), **synthesis, progress=progress)
+            if not undefended:  # start from the undefended inverses
+                start = DivideAndConquerInversion(manifest=manifest, split=split, progress=progress, **knobs)
+                self.inverses.load_state_dict(start.inverses.state_dict())
             torch.manual_seed(seed)
-            synthetic = torch.cat(
-                [
-                    self._synthesise(min(batch_size, synthetic_images - i), synthesis_steps, progress)
-                    for i in range(0, synthetic_images, batch_size)
-                ]
-            )
-            self._train(
-                synthetic, epochs=epochs, batch_size=batch_size, lr=lr, cycle_weight=cycle_weight, progress=progress
-            )
+            self._train(synthetic, epochs=epochs if undefended else adapt_epochs, **train)
             torch.save(self.inverses.state_dict(), path)
         self.inverses.eval()
+
+    def _synthetic(self, path, *, n: int, steps: int, batch_size: int, seed: int, progress: bool) -> torch.Tensor:
+        """The synthetic images for the undefended inverses cached at `path`: made once, kept beside them."""
+        kept = path.with_suffix(".synthetic.pt")
+        if kept.exists():
+            return torch.load(kept, weights_only=True)
+        torch.manual_seed(seed)
+        synthetic = torch.cat(
+            [self._synthesise(min(batch_size, n - i), steps, progress) for i in range(0, n, batch_size)]
+        )
+        torch.save(synthetic, kept)
+        return synthetic
 
     def _shapes(self) -> list[tuple[int, ...]]:
         """The shape (C, H, W) of each block's input, and of the last block's output."""
@@ -265,23 +290,33 @@ class DivideAndConquerInversion(Attack):
                     x = torch.roll(x, shifts=tuple(torch.randint(-4, 5, (2,)).tolist()), dims=(2, 3))
                     with torch.no_grad():
                         features = self._encode(x)
-                    loss = loss_of(features, cycle_weight)
+                        observed = self._defended(features[-1])
+                    loss = loss_of(features, observed, cycle_weight)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
 
-    def _divide_loss(self, features: list[torch.Tensor], cycle_weight: float) -> torch.Tensor:
-        """Each block's inverse, alone: back to the block's input, and through the block again to its output."""
+    def _defended(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation as the attacker would intercept it from a device running this defence, restored."""
+        if self.defence.name == "none":
+            return activation
+        tensors, form = self.defence.apply(activation.numpy(), self._rng)
+        return torch.from_numpy(defences.restore(tensors, form, shape=self.split.activation_shape))
+
+    def _divide_loss(self, features: list[torch.Tensor], observed: torch.Tensor, cycle_weight: float) -> torch.Tensor:
+        """Each block's inverse, alone: back to the block's input, and through the block again to its output.
+        The last inverse starts from the activation as `observed` (defended, where there is a defence)."""
         loss = torch.zeros(())
+        inputs = [*features[1:-1], observed]
         for k, (block, inverse) in enumerate(zip(self.blocks, self.inverses, strict=True)):
-            guess = inverse(features[k + 1])
+            guess = inverse(inputs[k])
             loss = loss + relative_error(guess, features[k])
             loss = loss + cycle_weight * relative_error(block(guess), features[k + 1])
         return loss
 
-    def _conquer_loss(self, features: list[torch.Tensor], cycle_weight: float) -> torch.Tensor:
+    def _conquer_loss(self, features: list[torch.Tensor], observed: torch.Tensor, cycle_weight: float) -> torch.Tensor:
         """The chained inverses: from the activation to the image, and the head's re-encoding of that image."""
-        image = self._decode(features[-1])
+        image = self._decode(observed)
         return relative_error(image, features[0]) + cycle_weight * relative_error(self._encode(image)[-1], features[-1])
 
     def _decode(self, activation: torch.Tensor) -> torch.Tensor:
