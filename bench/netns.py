@@ -48,6 +48,11 @@ def unavailable() -> str | None:
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return f"iproute2 is not installed ({', '.join(missing)} not found)"
+    probe = f"splitleak-probe-{os.getpid()}"  # root in a container may still lack CAP_NET_ADMIN
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace here: {made.stderr.strip() or f'exit {made.returncode}'}"
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
     return None
 
 
