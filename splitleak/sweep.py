@@ -458,15 +458,19 @@ def main(args: argparse.Namespace) -> int:
     frames = min(args.attack_frames, args.frames)
     settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs)
     start = time.perf_counter()
-    table = sweep(
-        args.model_dir,
-        variants=args.variant,
-        splits=args.split,
-        runtime=runtime,
-        links=args.link or list(DEFAULT_LINKS),
-        attacks=args.attack or list(DEFAULT_ATTACKS),
-        settings=settings,
-    )
+    try:
+        table = sweep(
+            args.model_dir,
+            variants=args.variant,
+            splits=args.split,
+            runtime=runtime,
+            links=args.link or list(DEFAULT_LINKS),
+            attacks=args.attack or list(DEFAULT_ATTACKS),
+            settings=settings,
+        )
+    except (KeyError, ValueError, RuntimeError) as e:  # a split, an attack or a run that cannot be done, and why
+        print(f"sweep: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
     write_table(table, args.out)
     if not args.no_plots:
         from splitleak import plots

@@ -139,6 +139,8 @@ def test_bad_sweep_options_get_a_clear_error(tiny_model_dir, capsys):
     assert "gaussian needs strengths" in capsys.readouterr().err
     assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--knob", "decoder.nope=1"]) == 2
     assert "decoder has no knob 'nope'" in capsys.readouterr().err
+    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--split", "nope"]) == 1
+    assert "has no split point 'nope'; it has stem, layer1, layer2, layer3" in capsys.readouterr().err
 
 
 def test_pareto_front_keeps_only_the_undominated_points():
