@@ -7,6 +7,10 @@ Given training images, each split is also calibrated for the run-time defences (
 ONNX files themselves, so the numbers describe exactly what ships: the activation's reference std, and a channel
 ranking from zeroing one channel at a time and measuring how far the tail's prediction moves (the mean KL divergence
 from the intact prediction). Zeroing every channel runs the tail C times; 128 images keep that to seconds.
+
+A checkpoint trained with a training-time defence (`splitleak train --defence`) exports under its variant's name
+(e.g. `resnet20-cifar10-nopeek1.0-layer1`), every split point as usual, with a top-level `training_defence` in the
+manifest: {"name", "strength", "split", "from", "epochs"}. Undefended models have no such key.
 """
 
 from __future__ import annotations
@@ -91,11 +95,13 @@ def export(
     test_accuracy: float | None = None,
     calibration_images: np.ndarray | None = None,
     calibration_source: str | None = None,
+    training_defence: dict | None = None,
 ) -> dict:
     """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest.
 
     `calibration_images` (normalised float32, NCHW), from `calibration_source`, calibrate every split for the
-    defences; without them the manifest has no calibration and the defences that need it refuse this model."""
+    defences; without them the manifest has no calibration and the defences that need it refuse this model.
+    `training_defence` is the record of a training-time defence (splitleak.train_defended), written as is."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     example = torch.zeros(2, *input_shape)
@@ -137,6 +143,8 @@ def export(
         else {"source": calibration_source, "images": len(calibration_images)},
         "splits": splits,
     }
+    if training_defence is not None:
+        doc["training_defence"] = training_defence
     (out_dir / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
@@ -162,7 +170,7 @@ def export_checkpoint(checkpoint: dict, out_dir: Path, *, calibration_images: in
     return export(
         load_model(checkpoint),
         out_dir,
-        name=f"{config['model']}-{config['dataset']}",
+        name=checkpoint.get("name", f"{config['model']}-{config['dataset']}"),
         model_name=config["model"],
         dataset=config["dataset"],
         classes=checkpoint["classes"],
@@ -174,6 +182,7 @@ def export_checkpoint(checkpoint: dict, out_dir: Path, *, calibration_images: in
         test_accuracy=checkpoint["test_accuracy"],
         calibration_images=images,
         calibration_source=source,
+        training_defence=checkpoint.get("training_defence"),
     )
 
 
@@ -181,9 +190,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20", choices=sorted(zoo.ZOO))
     parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--checkpoint", type=Path, help="default: the one `splitleak train` cached for model and data")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="default: the one `splitleak train` cached for model and data; a defended variant's path is the one "
+        "`splitleak train --defence` printed",
+    )
     parser.add_argument("--limit", type=int, help="the --limit the checkpoint was trained with, if any")
-    parser.add_argument("--out", type=Path, help="default: CACHE/models/MODEL-DATASET")
+    parser.add_argument("--out", type=Path, help="default: CACHE/models/NAME (MODEL-DATASET, or the variant's name)")
     parser.add_argument(
         "--calibration-images",
         type=int,
@@ -201,9 +215,11 @@ def main(args: argparse.Namespace) -> int:
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
-    out = args.out or data.cache_dir() / "models" / f"{config['model']}-{config['dataset']}"
+    out = args.out or data.cache_dir() / "models" / checkpoint.get("name", f"{config['model']}-{config['dataset']}")
     doc = export_checkpoint(checkpoint, out, calibration_images=args.calibration_images)
     print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")
+    if "training_defence" in doc:
+        print(f"training-time defence: {json.dumps(doc['training_defence'])}")
     if doc["calibration"] is None:
         print("not calibrated for defences (no training images): noise and topk will refuse this model")
     else:

@@ -6,6 +6,11 @@ An exported model is a folder (written by `splitleak export`) holding, for every
 each split also holds the calibration the run-time defences need (splitleak.defences): `reference_std`, the std of
 the activation over calibration images, and `channel_ranking`, the channels from most to least important to the
 tail's prediction. A manifest without them still loads; only the defences that need them refuse it.
+
+A model variant trained with a training-time defence (splitleak.train_defended) also records it at the top level:
+`training_defence` = {"name": "nopeek" | "adversarial", "strength": weight in the loss, "split": the split point it
+protects, "from": the model it was fine-tuned from (None: trained afresh), "epochs": of that training}. Ordinary
+models have none (`Manifest.training_defence` is None).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Manifest:
     test_accuracy: float | None
     default_split: str
     splits: dict[str, Split]
+    training_defence: dict | None = None  # {"name", "strength", "split", "from", "epochs"}; None: an ordinary model
 
     def split(self, name: str | None) -> Split:
         name = name or self.default_split
@@ -106,4 +112,5 @@ def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manife
         raw.get("test_accuracy"),
         raw["default_split"],
         splits,
+        raw.get("training_defence"),
     )
