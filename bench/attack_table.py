@@ -1,14 +1,16 @@
 """The attack table: every attack on every captured split point of a model, beside He et al.'s figures.
 
 Each row replays the capture with one attack (splitleak.attacker.replay, as `splitleak attack` does) and reports
-PSNR and SSIM (mean ± std over the frames), the share of recognisable frames (SSIM >= 0.3) and label leakage. For He
-et al.'s CNN on CIFAR-10 (`hecnn`), the paper's own figures for the same split point stand beside ours:
+PSNR and SSIM (mean ± std over the frames), the share of recognisable frames (SSIM >= 0.3), label leakage, and what
+the attack cost (see `cells`). For He et al.'s CNN on CIFAR-10 (`hecnn`), the paper's own figures for the same split
+point stand beside ours:
 
 - rmle: Table 3 (white box);
 - decoder: Table 4, "same dist" (the inverse network trained on other images of the target's training
   distribution). `decoder` trains on the train split by default, the target's own training set: Table 4's "same
   set" row, 49.88, 19.81 and 15.42 dB (SSIM 0.9993, 0.6939, 0.3124), is within 1.5 dB of these;
-- shadow: Table 6, "same set, same net".
+- shadow: Table 6, "same set, same net";
+- datafree: none (Dong et al. attack other networks, and the He CNN has no batch norm for it to start from).
 
 He, Zhang and Lee, "Model inversion attacks against collaborative inference", ACSAC 2019. Hours at the paper's
 settings (rmle: 5000 steps per frame); `--limit` and the knobs make a quick version:
@@ -41,7 +43,39 @@ PAPER = {
     ("shadow", "relu32"): (11.09, 0.0419),
 }
 PAPER_MODEL = ("hecnn", "cifar10")
-COLUMNS = ("split", "attack", "frames", "PSNR dB", "SSIM", "recognisable", "label leakage", "paper PSNR", "paper SSIM")
+COLUMNS = (
+    "split",
+    "attack",
+    "frames",
+    "PSNR dB",
+    "SSIM",
+    "recognisable",
+    "label leakage",
+    "paper PSNR",
+    "paper SSIM",
+    "build s",
+    "invert s/frame",
+)
+
+
+def cells(summary: dict, paper: tuple[float, float] | None) -> list[str]:
+    """One row of the table from a replay summary (`summary.json`): scores, then cost. `build s` is what the attack
+    spent before it could invert (training, or nothing), once per split point; `invert s/frame` is the inversion's
+    wall time over the frames, inverted together in one call."""
+    s = summary
+    return [
+        s["split"],
+        s["attack"],
+        str(s["frames"]),
+        f"{s['psnr_mean']:.2f} ± {s['psnr_std']:.2f}",
+        f"{s['ssim_mean']:.3f} ± {s['ssim_std']:.3f}",
+        f"{s['recognisable']:.0%}",
+        f"{s['label_leakage']:.0%}",
+        f"{paper[0]:.2f}" if paper else "–",
+        f"{paper[1]:.4f}" if paper else "–",
+        f"{s['seconds_build']:.0f}",
+        f"{s['seconds_invert'] / s['frames']:.3g}",
+    ]
 
 
 def table(
@@ -85,23 +119,7 @@ def table(
                         s,
                     )
                 paper = PAPER.get((attack, split)) if (m.model, m.dataset) == PAPER_MODEL else None
-                rows.append(
-                    (
-                        list(m.splits).index(split),
-                        attacks.index(attack),
-                        [
-                            split,
-                            attack,
-                            str(s["frames"]),
-                            f"{s['psnr_mean']:.2f} ± {s['psnr_std']:.2f}",
-                            f"{s['ssim_mean']:.3f} ± {s['ssim_std']:.3f}",
-                            f"{s['recognisable']:.0%}",
-                            f"{s['label_leakage']:.0%}",
-                            f"{paper[0]:.2f}" if paper else "–",
-                            f"{paper[1]:.4f}" if paper else "–",
-                        ],
-                    )
-                )
+                rows.append((list(m.splits).index(split), attacks.index(attack), cells(s, paper)))
     if not rows:
         raise ValueError(f"no capture holds requests for {m.name}")
     lines = [
