@@ -293,8 +293,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"splitleak train: {e}") from None
     history = checkpoint["history"]
+    trained = checkpoint["name"] if config.defence else config.model  # "resnet20", or the variant's own name
     print(
-        f"{checkpoint['name']} on {config.dataset}: test accuracy {checkpoint['test_accuracy']:.4f} "
+        f"{trained} on {config.dataset}: test accuracy {checkpoint['test_accuracy']:.4f} "
         f"on {checkpoint['test_images']} images after {config.epochs} epochs ({history[-1]['seconds'] / 60:.1f} min)"
     )
     if config.defence:
