@@ -195,25 +195,18 @@ class Capture:
     def models(self) -> list[str]:
         return sorted({r.model_name for r in self.records})
 
-    def activations(
-        self, model_name: str, *, shape: tuple[int, ...] | None = None, where: dict | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def activations(self, model_name: str, *, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(frame_ids (N,), activations (N, ...)) of every request to `model_name`, batches concatenated.
 
         With `shape` (the split's activation shape, from the manifest), each activation is restored to float32 as
         the cloud restores it, undoing the form a quantising or pruning defence sent it in; without it, the first
-        input is returned as it travelled. `where`: only the requests whose parameters have these values, e.g.
-        {"defence": "gaussian", "defence_strength": 0.5}.
+        input is returned as it travelled.
         A frame id is -1 where the request carries none, and for every row of a batch larger than one, since one
         `frame_id` cannot name several frames. Requests whose per-frame shape or dtype differs from that of most
         requests (which the cloud rejects anyway) are left out, so the rows stack."""
         records = [r for r in self.records if r.model_name == model_name]
         if not records:
             raise KeyError(f"{self.path} has no requests for {model_name!r}; models: {', '.join(self.models())}")
-        if where:
-            records = [r for r in records if all(r.parameters.get(k) == v for k, v in where.items())]
-            if not records:
-                raise KeyError(f"{self.path} has no requests for {model_name!r} with {where}")
         if shape is not None:
             rows = [r.restored(shape) for r in records]
             frame_ids = np.concatenate([_frame_ids(r, len(a)) for r, a in zip(records, rows, strict=True)])

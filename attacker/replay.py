@@ -52,6 +52,27 @@ def auxiliary_set(
     return images, ds.labels[indices] if tuple(ds.classes) == m.classes else None
 
 
+def knowledge(
+    attack: str, m: manifest.Manifest, split: str, *, aux_dataset: str | None, aux_limit: int | None, seed: int = 0
+) -> dict:
+    """What `attack` is given to know (KNOWLEDGE, less `progress`): the model and split point, and, for an attack that
+    trains on auxiliary images, `aux_limit` of `aux_dataset`'s train split, with their labels where it needs them."""
+    parameters = inspect.signature(ATTACKS[attack]).parameters
+    given: dict = {"manifest": m, "split": split}
+    if "auxiliary" in parameters:
+        if aux_dataset is None:
+            raise ValueError(f"{attack} trains on auxiliary images: the capture names no data set, so give one")
+        given["auxiliary"], labels = auxiliary_set(aux_dataset, m, aux_limit, seed)
+        if "auxiliary_labels" in parameters:
+            if labels is None:
+                raise ValueError(
+                    f"{attack} trains through the model's classifier, so its auxiliary images need the model's labels, "
+                    f"but {aux_dataset}'s classes are not {m.name}'s"
+                )
+            given["auxiliary_labels"] = labels
+    return given
+
+
 def replay(
     capture: capture_format.Capture,
     served_name: str,
@@ -78,21 +99,9 @@ def replay(
         raise ValueError(f"{capture.path} has no requests for {served_name} that name their frame")
     dataset = capture.meta.get("dataset")
     originals = capture.originals(frame_ids, m)  # fails now, not after training, if the capture names no data set
-    given = dict(knobs or {}, manifest=m, split=split)
-    parameters = inspect.signature(ATTACKS[attack]).parameters
-    if "auxiliary" in parameters:
-        aux_dataset = aux_dataset or dataset
-        if aux_dataset is None:
-            raise ValueError(f"{attack} trains on auxiliary images: the capture names no data set, so give one")
-        given["auxiliary"], labels = auxiliary_set(aux_dataset, m, aux_limit)
-        if "auxiliary_labels" in parameters:
-            if labels is None:
-                raise ValueError(
-                    f"{attack} trains through the model's classifier, so its auxiliary images need the model's labels, "
-                    f"but {aux_dataset}'s classes are not {m.name}'s"
-                )
-            given["auxiliary_labels"] = labels
-    if "progress" in parameters:
+    aux_dataset = aux_dataset or dataset
+    given = dict(knobs or {}, **knowledge(attack, m, split, aux_dataset=aux_dataset, aux_limit=aux_limit))
+    if "progress" in inspect.signature(ATTACKS[attack]).parameters:
         given["progress"] = progress
 
     start = time.perf_counter()

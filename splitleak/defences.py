@@ -233,6 +233,13 @@ def build(name: str, *, strength: float | None = None, split: Split) -> Defence:
     return cls(strength=strength, split=split)
 
 
+def as_received(defence: Defence, activation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`activation` sent through `defence` and restored as the cloud restores it: what a tap on the cloud sees, and
+    what an attacker who knows the defence trains on."""
+    tensors, form = defence.apply(activation, rng)
+    return restore(tensors, form, shape=defence.split.activation_shape)
+
+
 # The quantiser and its inverse.
 
 

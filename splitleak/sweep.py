@@ -233,7 +233,7 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
     """Invert the first `attack_frames` activations the cloud recorded with `attack` and score them."""
     from splitleak.attacker import capture, scoring
     from splitleak.attacker.attacks import ATTACKS, build
-    from splitleak.attacker.replay import auxiliary_images
+    from splitleak.attacker.replay import KNOWLEDGE, knowledge
 
     m = load_manifest(config.model_dir)
     split = m.split(config.split)
@@ -241,11 +241,10 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
     frame_ids, activations = recorded.activations(m.served_name(split.name), shape=split.activation_shape)
     frames = settings.frames_of(attack)
     frame_ids, activations = frame_ids[:frames], activations[:frames]
-    given = dict(settings.knobs_of(attack), manifest=m, split=split.name)
-    parameters = inspect.signature(ATTACKS[attack]).parameters
-    if "auxiliary" in parameters:
-        given["auxiliary"] = auxiliary_images(settings.dataset, m, settings.aux_images, settings.seed)
-    if "defence" in parameters and config.defence != "none":
+    given = dict(settings.knobs_of(attack))
+    aux = {"aux_dataset": settings.dataset, "aux_limit": settings.aux_images, "seed": settings.seed}
+    given.update(knowledge(attack, m, split.name, **aux))
+    if "defence" in inspect.signature(ATTACKS[attack]).parameters and config.defence != "none":
         given.update(defence=config.defence, strength=config.strength)
     start = time.perf_counter()
     attacker = build(attack, **given)
@@ -256,7 +255,7 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
     scores = scoring.score(originals, reconstructions, manifest=m, split=split.name)
     summary = scores["summary"]
     return {
-        "knobs": {k: v for k, v in given.items() if k not in ("manifest", "split", "auxiliary")},
+        "knobs": {k: v for k, v in given.items() if k not in KNOWLEDGE},
         "frames": len(frame_ids),
         "psnr": summary["psnr_mean"],
         "ssim": summary["ssim_mean"],

@@ -290,18 +290,11 @@ class DivideAndConquerInversion(Attack):
                     x = torch.roll(x, shifts=tuple(torch.randint(-4, 5, (2,)).tolist()), dims=(2, 3))
                     with torch.no_grad():
                         features = self._encode(x)
-                        observed = self._defended(features[-1])
+                        observed = torch.from_numpy(defences.as_received(self.defence, features[-1].numpy(), self._rng))
                     loss = loss_of(features, observed, cycle_weight)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-
-    def _defended(self, activation: torch.Tensor) -> torch.Tensor:
-        """The activation as the attacker would intercept it from a device running this defence, restored."""
-        if self.defence.name == "none":
-            return activation
-        tensors, form = self.defence.apply(activation.numpy(), self._rng)
-        return torch.from_numpy(defences.restore(tensors, form, shape=self.split.activation_shape))
 
     def _divide_loss(self, features: list[torch.Tensor], observed: torch.Tensor, cycle_weight: float) -> torch.Tensor:
         """Each block's inverse, alone: back to the block's input, and through the block again to its output.

@@ -112,19 +112,13 @@ class InverseNetwork(Attack):
                 images = auxiliary[order[step * batch_size : (step + 1) * batch_size]]
                 # Queried afresh each epoch rather than stored: at early split points the activations of a full
                 # data set run to gigabytes, and the head costs less than the decoder's backward pass.
-                activation = torch.from_numpy(self._defended(query(head, self.manifest, images), rng))
+                received = defences.as_received(self.defence, query(head, self.manifest, images), rng)
+                activation = torch.from_numpy(received)
                 target = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
                 loss = F.mse_loss(self.decoder(activation), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-
-    def _defended(self, activation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The activation as the attacker would intercept it from a device running this defence, restored."""
-        if self.defence.name == "none":
-            return activation
-        tensors, form = self.defence.apply(activation, rng)
-        return defences.restore(tensors, form, shape=self.split.activation_shape)
 
     @torch.inference_mode()
     def _invert(self, activations: np.ndarray) -> np.ndarray:

@@ -34,8 +34,6 @@ from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, check_positive
 from splitleak.manifest import Manifest
 
-ZEROING_DEFENCES = ("dropout", "channel-dropout", "topk")  # what they zero is the defence's, not the image's
-
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Eq. 3b with beta = 1, averaged over pixels and channels: (N, C, H, W) -> (N,)."""
@@ -85,10 +83,11 @@ class RegularizedMLE(Attack):
         c, h, w = self.manifest.input_shape
         x = torch.full((len(target), c, h, w), 0.5, requires_grad=True)  # (N, C, H, W) in [0, 1]: constant grey
         optimizer = torch.optim.Adam([x], lr=self.lr, amsgrad=True)
-        zeroing = self.defence.name in ZEROING_DEFENCES
+        # What dropout (channel dropout too) and top-k zero is the defence's doing, not the image's.
+        zeroing = isinstance(self.defence, defences.Dropout | defences.TopK)
         weight = (target != 0).float() if zeroing else torch.ones_like(target)
         weight = weight / weight.flatten(1).sum(1).clamp(min=1).view(-1, *[1] * (target.dim() - 1))
-        scale = 1 / (1 - self.defence.strength) if self.defence.name in ("dropout", "channel-dropout") else 1.0
+        scale = 1 / (1 - self.defence.strength) if isinstance(self.defence, defences.Dropout) else 1.0
         for _ in range(self.steps):
             optimizer.zero_grad(set_to_none=True)
             predicted = self.head((x - self.mean) / self.std) * scale
