@@ -229,21 +229,31 @@ def measurement(records: list[dict]) -> dict:
     }
 
 
-def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Settings) -> dict:
-    """Invert the first `attack_frames` activations the cloud recorded with `attack` and score them."""
-    from splitleak.attacker import capture, scoring
-    from splitleak.attacker.attacks import ATTACKS, build
-    from splitleak.attacker.replay import KNOWLEDGE, knowledge
+def intercepted(config: Config, capture_dir: Path, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first `frames` activations the cloud recorded, restored, with their frame ids and the original frames."""
+    from splitleak.attacker import capture
 
     m = load_manifest(config.model_dir)
     split = m.split(config.split)
     recorded = capture.read(capture_dir)
     frame_ids, activations = recorded.activations(m.served_name(split.name), shape=split.activation_shape)
-    frames = settings.frames_of(attack)
     frame_ids, activations = frame_ids[:frames], activations[:frames]
+    return frame_ids, activations, recorded.originals(frame_ids, m)
+
+
+def attack_scores(
+    config: Config, attack: str, frames: tuple[np.ndarray, np.ndarray, np.ndarray], settings: Settings
+) -> dict:
+    """Invert the first of the `intercepted` frames with `attack` (ATTACK_FRAMES caps the slow ones), score them."""
+    from splitleak.attacker import scoring
+    from splitleak.attacker.attacks import ATTACKS, build
+    from splitleak.attacker.replay import KNOWLEDGE, knowledge
+
+    m = load_manifest(config.model_dir)
+    frame_ids, activations, originals = (a[: settings.frames_of(attack)] for a in frames)
     given = dict(settings.knobs_of(attack))
     aux = {"aux_dataset": settings.dataset, "aux_limit": settings.aux_images, "seed": settings.seed}
-    given.update(knowledge(attack, m, split.name, **aux))
+    given.update(knowledge(attack, m, config.split, **aux))
     if "defence" in inspect.signature(ATTACKS[attack]).parameters and config.defence != "none":
         given.update(defence=config.defence, strength=config.strength)
     start = time.perf_counter()
@@ -251,8 +261,7 @@ def attack_scores(config: Config, attack: str, capture_dir: Path, settings: Sett
     built = time.perf_counter()
     reconstructions = attacker.invert(activations)
     inverted = time.perf_counter()
-    originals = recorded.originals(frame_ids, m)
-    scores = scoring.score(originals, reconstructions, manifest=m, split=split.name)
+    scores = scoring.score(originals, reconstructions, manifest=m, split=config.split)
     summary = scores["summary"]
     return {
         "knobs": {k: v for k, v in given.items() if k not in KNOWLEDGE},
@@ -278,8 +287,9 @@ def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
         with tempfile.TemporaryDirectory(prefix="splitleak-sweep-") as tmp:
             records, capture_dir = run_device(config, settings, Path(tmp))
             measured_path.write_text(json.dumps(measurement(records)))
+            frames = intercepted(config, capture_dir, settings.attack_frames) if missing else None
             for attack in missing:
-                attack_paths[attack].write_text(json.dumps(attack_scores(config, attack, capture_dir, settings)))
+                attack_paths[attack].write_text(json.dumps(attack_scores(config, attack, frames, settings)))
     return {
         "measured": json.loads(measured_path.read_text()),
         "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
