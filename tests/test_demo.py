@@ -78,6 +78,15 @@ def open_browser(p, profile: Path):
     )
 
 
+def open_page(p, tmp_path: Path) -> tuple:
+    """(browser, a new page in it, the list the page's JavaScript errors go to)."""
+    browser = open_browser(p, tmp_path / "profile")
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page, errors
+
+
 @needs_shared
 @needs_chromium
 def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_when_a_process_dies(
@@ -90,10 +99,7 @@ def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_w
     demo, url = start_demo("--models", str(attacked_model_dir), "--dataset", "embedded")
     try:
         with sync_playwright() as p:
-            browser = open_browser(p, tmp_path / "profile")
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            browser, page, errors = open_page(p, tmp_path)
             page.goto(url)
             wait_for_reconstructions(page, 1)
             first_reconstruction_s = time.perf_counter() - started
@@ -156,10 +162,7 @@ def test_faces_mode_shows_whom_the_attacker_takes_each_reconstructed_face_for(tm
     demo, url = start_demo("--faces")  # the shipped faces model, out of the box
     try:
         with sync_playwright() as p:
-            browser = open_browser(p, tmp_path / "profile")
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            browser, page, errors = open_page(p, tmp_path)
             page.goto(url)
             wait_for_reconstructions(page, 10)
             assert page.inner_text("#model") == "resnet20-att_faces · frames from att_faces"
@@ -184,8 +187,7 @@ def test_faces_mode_on_scikit_images_faces_says_why_it_names_no_one(tmp_path):
     demo, url = start_demo("--faces", "--dataset", "embedded-faces")  # what --faces streams without att_faces
     try:
         with sync_playwright() as p:
-            browser = open_browser(p, tmp_path / "profile")
-            page = browser.new_page()
+            browser, page, _ = open_page(p, tmp_path)
             page.goto(url)
             wait_for_reconstructions(page, 10)
             note = page.inner_text("#identity-note")
