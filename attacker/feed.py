@@ -2,7 +2,7 @@
 
 `splitleak attacker proxy --feed HOST:PORT` connects to a consumer listening there (the live attack demo, say) and
 sends it every request it captures, framed exactly as the records of a capture's `requests.bin`
-(splitleak.attacker.capture: a little-endian `uint32` length, an `int64` captured_ns, then the serialized
+(splitleak.core.capture: a little-endian `uint32` length, an `int64` captured_ns, then the serialized
 `inference.ModelInferRequest`), so whatever reads a capture reads the feed. Nothing is written to disk, so a tap can
 feed for hours at camera rate.
 
@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from splitleak.attacker.capture import RECORD_HEADER
+from splitleak.core.capture import RECORD_HEADER
 
 
 class FeedSender:

@@ -5,9 +5,9 @@ The attacks run here were trained beforehand and exported to ONNX (`splitleak at
 millisecond or two, fast enough for a device at camera rate, and this module never imports torch.
 
 Each intercepted request is decoded as the cloud decodes it (a defended activation is restored to the float32
-activation the tail takes, with splitleak.defences), inverted by every exported attack for its split point, and scored
-against the private frame behind it (its `frame_id` in the test split of the data set the device streams, known to
-the simulation, never to the attacker): PSNR and SSIM (splitleak.attacker.scoring), and the label the cloud's own
+activation the tail takes, with splitleak.core.defences), inverted by every exported attack for its split point, and
+scored against the private frame behind it (its `frame_id` in the test split of the data set the device streams, known
+to the simulation, never to the attacker): PSNR and SSIM (splitleak.attacker.scoring), and the label the cloud's own
 classifier (head and tail, run here with ONNX Runtime) gives the reconstruction. Given a gallery of other photos of
 the same people, it also names who is in each reconstruction, as `scoring.identify` does: the attacker's best guess.
 """
@@ -22,9 +22,9 @@ import numpy as np
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from splitleak import codec, data, defences
 from splitleak.attacker import scoring
-from splitleak.manifest import Manifest, sha256
+from splitleak.core import codec, data, defences
+from splitleak.core.manifest import Manifest, sha256
 from splitleak.protos import inference_pb2 as pb
 
 ATTACKS_FOLDER = "attacks"  # inside an exported model's folder

@@ -1,7 +1,7 @@
 """The man in the middle (`splitleak attacker proxy`): relays device <-> cloud byte for byte, capturing each request.
 
 It listens where the device expects the cloud, forwards every RPC to the real cloud, and keeps a copy of every
-inference request in a capture (splitleak.attacker.capture), or sends it as it happens to a live consumer
+inference request in a capture (splitleak.core.capture), or sends it as it happens to a live consumer
 (splitleak.attacker.feed), or both.
 
 Each side gets what the other sent: messages are never parsed on the way through (the handlers take and return
@@ -29,9 +29,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitleak import local, transport
-from splitleak.attacker.capture import CaptureSink, CaptureWriter
 from splitleak.attacker.feed import FeedSender
+from splitleak.core import process, transport
+from splitleak.core.capture import CaptureSink, CaptureWriter
 from splitleak.protos import inference_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -168,13 +168,13 @@ def start_process(
     timeout_s: float = 60.0,
     own_session: bool = False,
 ) -> tuple[subprocess.Popen, int]:
-    """Start `splitleak attacker proxy --listen-port 0` and wait for the port it prints (stop it with local.stop).
+    """Start `splitleak attacker proxy --listen-port 0` and wait for the port it prints (stop it with process.stop).
 
     Without a capture folder, `extra` must say where else the captures go (`--feed HOST:PORT`). `own_session`: as
-    for splitleak.local.start_cloud."""
+    for splitleak.core.process.start_cloud."""
     cmd = ["attacker", "proxy", "--listen-port", "0", "--cloud", cloud]
     cmd += [*(["--capture", str(capture)] if capture else []), *(["--dataset", dataset] if dataset else [])]
-    return local.start_listening([*cmd, *(extra or [])], "proxy", timeout_s, own_session=own_session)
+    return process.start_listening([*cmd, *(extra or [])], "proxy", timeout_s, own_session=own_session)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Replay a capture offline (`splitleak attack`): invert its activations with one attack and score the reconstructions.
 
-The attacker has the capture (splitleak.attacker.capture), the exported model folder pulled out of the app (its
+The attacker has the capture (splitleak.core.capture), the exported model folder pulled out of the app (its
 heads, and the manifest that says how frames are normalised), and, for attacks that train, auxiliary images of the
 same kind: by default the *train* split of the data set the victim's frames come from, which are drawn from the test
 split, so no victim frame is ever trained on; attacks that train through the cloud's classifier (`shadow`) also get
@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak import data, manifest
-from splitleak.attacker import capture as capture_format
 from splitleak.attacker import scoring
 from splitleak.attacker.attacks import ATTACKS, build
+from splitleak.core import capture as capture_format
+from splitleak.core import data, manifest
+from splitleak.core.facts import IDENTITY_DATASETS
 
 # What an attack is given rather than tuned with: the CLI fills these in, never the user.
 KNOWLEDGE = ("manifest", "split", "auxiliary", "auxiliary_labels", "progress")
-# Data sets whose labels name people: their reconstructions are also scored for identity leakage.
-IDENTITY_DATASETS = ("att_faces",)
 
 
 def knobs_of(attack: str) -> dict[str, inspect.Parameter]:

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from splitleak import data
-from splitleak.manifest import Manifest
-
-RECOGNISABLE_SSIM = 0.3
+from splitleak.core import data
+from splitleak.core.facts import RECOGNISABLE_SSIM
+from splitleak.core.manifest import Manifest
 
 
 def as_float(images: np.ndarray) -> np.ndarray:

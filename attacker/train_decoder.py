@@ -23,12 +23,12 @@ import onnx
 import torch
 from torch import nn
 
-from splitleak import data, manifest
 from splitleak.attacker import live, scoring
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.replay import auxiliary_images, knobs_of
-from splitleak.export import export_onnx
+from splitleak.core import data, manifest
+from splitleak.model.export import export_onnx
 
 ATTACK = "decoder"
 

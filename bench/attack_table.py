@@ -25,10 +25,10 @@ import argparse
 import ast
 from pathlib import Path
 
-from splitleak import manifest
-from splitleak.attacker import capture, scoring
+from splitleak.attacker import scoring
 from splitleak.attacker.attacks import ATTACKS
 from splitleak.attacker.replay import knobs_of, replay
+from splitleak.core import capture, manifest
 
 # (attack, split point) -> (PSNR dB, SSIM) that He et al. report for CIFAR-10 on their CNN, our `hecnn`.
 PAPER = {

@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 
-from splitleak import transport
+from splitleak.core import transport
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ import pytest
 import torch
 from conftest import export_random
 
-from splitleak import manifest, zoo
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import model_input, session
+from splitleak.core import manifest
+from splitleak.model import zoo
 
 BATCH = 256
 RMLE_BATCH = 32

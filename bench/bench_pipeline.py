@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from splitleak import codec, transport, zoo
+from splitleak.core import codec, transport
+from splitleak.core.process import start_cloud, stop
 from splitleak.device.client import Head
-from splitleak.local import start_cloud, stop
+from splitleak.model import zoo
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
 SPLITS = ("stem", "layer3")

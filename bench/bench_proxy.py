@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitleak import codec, transport
 from splitleak.attacker import proxy
+from splitleak.core import codec, transport
+from splitleak.core.process import start_cloud, stop
 from splitleak.device.client import Head
-from splitleak.local import start_cloud, stop
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

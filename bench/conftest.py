@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from splitleak import manifest
+from splitleak.core import manifest
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def export_random(model: str, out: Path) -> Path:
     """A random-init zoo model exported for CIFAR-sized input: enough for timing, which ignores the weights."""
-    from splitleak import export, zoo
+    from splitleak.model import export, zoo
 
     entry = zoo.ZOO[model]
     export.export(

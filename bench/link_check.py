@@ -1,4 +1,4 @@
-"""The link model against the kernel: splitleak.link's latencies beside what a kernel-shaped network measures.
+"""The link model against the kernel: splitleak.core.link's latencies beside what a kernel-shaped network measures.
 
 The cloud (`splitleak cloud`) and the device (`splitleak device`) run in two network namespaces joined by a veth pair
 (bench/netns.py). For every split point and link profile, two runs of the same frames:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import netns
 
-from splitleak import link, manifest
+from splitleak.core import link, manifest
 
 PROFILES = [name for name, p in link.PROFILES.items() if p.bandwidth_mbps != float("inf")]  # loopback: nothing to shape
 SPLITS = ["layer1", "layer2", "layer3"]  # 64, 32 and 16 KiB activations

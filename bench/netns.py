@@ -2,7 +2,7 @@
 
 The device and the cloud each get a namespace of their own, so their traffic crosses a real network interface and
 the kernel's queueing disciplines (`tc`) instead of loopback. Used by bench/link_check.py and
-tests/test_netns_link.py to check splitleak.link against the kernel.
+tests/test_netns_link.py to check splitleak.core.link against the kernel.
 
     with VethPair() as pair:
         port = pair.start_cloud(model_dir)           # listens on pair.cloud_ip

@@ -3,7 +3,7 @@
 Each split S of an exported model NAME is the OIP model `NAME.S`: one input `activation` (the head's output, batch
 first) and one output `logits`, run with ONNX Runtime. The activation may also arrive in a defended form (FP16,
 quantised UINT8 levels with their `scale` and `zero_point`, or only some channels with their indices): the cloud
-restores it to FP32 with splitleak.defences.restore, the same module the device's defences come from. Every request
+restores it to FP32 with splitleak.core.defences.restore, the same module the device's defences come from. Every request
 is checked before it runs, and a bad one gets a status that says what was expected: unknown model NOT_FOUND; wrong
 tensor name, datatype, shape, byte length or quantisation parameters INVALID_ARGUMENT; a batch or message over the
 limits RESOURCE_EXHAUSTED. On a stream (Triton's ModelStreamInfer) an
@@ -29,7 +29,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
-from splitleak import codec, defences, manifest, transport
+from splitleak.core import codec, defences, manifest, transport
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -278,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
     sink = None
     if args.record:
         # Imported only here: an honest cloud needs nothing of the attacker's.
-        from splitleak.attacker.capture import CaptureSink, CaptureWriter
+        from splitleak.core.capture import CaptureSink, CaptureWriter
 
         # Added once the port is known (the capture names it) and before it is announced, so no device is missed.
         sink = CaptureSink(CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}"))

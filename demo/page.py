@@ -10,11 +10,11 @@ import base64
 
 import numpy as np
 
-from splitleak import data, defences, link, metrics
 from splitleak.attacker import live
-from splitleak.manifest import Manifest
+from splitleak.core import data, defences, link, metrics
+from splitleak.core.manifest import Manifest
 
-# The page's slider for each defence's strength, (low, high, step): what a strength means is in splitleak.defences.
+# The page's slider for each defence's strength, (low, high, step): what a strength means is in splitleak.core.defences.
 STRENGTHS = {
     "gaussian": (0.0, 2.0, 0.05),
     "laplace": (0.0, 2.0, 0.05),

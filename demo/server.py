@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from splitleak import data, defences, link, manifest
+from splitleak.core import data, defences, link, manifest
 from splitleak.demo.simulation import Settings, Simulation
 
 PAGE_RATE = 30  # updates a second, at most, to each page

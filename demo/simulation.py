@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak import data, defences, link, local, manifest
 from splitleak.attacker import feed, live, proxy
+from splitleak.core import data, defences, link, manifest, process
+from splitleak.core.facts import IDENTITY_DATASETS
 from splitleak.demo import page
 
 ROLES = ("cloud", "proxy", "device")
@@ -110,7 +111,7 @@ class Simulation:
         self.attacker = live.LiveAttacker(self.manifest, self.attacks, dataset=dataset, gallery=self._gallery())
         with socket.create_server(("127.0.0.1", 0)) as listener:
             # Each in a session of its own: a Ctrl-C is for this process, which stops them in order.
-            cloud, cloud_port = local.start_cloud([s.model_dir], own_session=True)
+            cloud, cloud_port = process.start_cloud([s.model_dir], own_session=True)
             self.processes["cloud"] = cloud
             feed_to = f"127.0.0.1:{listener.getsockname()[1]}"
             proxy_proc, proxy_port = proxy.start_process(
@@ -155,8 +156,8 @@ class Simulation:
             try:
                 device.wait(5)
             except subprocess.TimeoutExpired:
-                pass  # local.stop sees to it
-        return {role: local.stop(self.processes[role]) for role in reversed(ROLES) if role in self.processes}
+                pass  # process.stop sees to it
+        return {role: process.stop(self.processes[role]) for role in reversed(ROLES) if role in self.processes}
 
     # Changes from the page.
 
@@ -191,13 +192,13 @@ class Simulation:
 
     def _gallery(self) -> data.Dataset | None:
         """Other photos of the people in the frames (the train split), where the data set's labels name people."""
-        faces = self.settings.dataset in data.IDENTITY_DATASETS and self.manifest.dataset == self.settings.dataset
+        faces = self.settings.dataset in IDENTITY_DATASETS and self.manifest.dataset == self.settings.dataset
         return data.load(self.settings.dataset, "train") if faces else None
 
     def _identity_note(self) -> str | None:
         """Why the page names no one: the model tells people apart, but the frames say nothing of who is in them."""
         m = self.manifest
-        if self.attacker.gallery is not None or m.dataset not in data.IDENTITY_DATASETS:
+        if self.attacker.gallery is not None or m.dataset not in IDENTITY_DATASETS:
             return None
         return (
             f"Identity not available: the frames come from {self.dataset.name}, whose labels "

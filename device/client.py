@@ -3,11 +3,11 @@
 What a phone has: ONNX Runtime, numpy and gRPC. This module never imports torch (a test holds it to that).
 
 Each frame goes through preprocess -> head -> defence -> encode on the device, then crosses the simulated uplink
-(splitleak.link), is answered by the cloud over Triton's ModelStreamInfer stream, and crosses the simulated
+(splitleak.core.link), is answered by the cloud over Triton's ModelStreamInfer stream, and crosses the simulated
 downlink back. With `--rate 0` (the default) one frame is in flight at a time, as fast as the round trip allows;
 with `--rate R` frames leave at R per second whether or not the answers are back, so a slow link queues them.
 
-The defence (`--defence NAME --strength S`, splitleak.defences; `none` by default) transforms the activation before
+The defence (`--defence NAME --strength S`, splitleak.core.defences; `none` by default) transforms the activation before
 it leaves the device, and its name and strength travel in every request: the cloud needs neither, but captures show
 what was applied, as an adaptive attacker would know it.
 
@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from splitleak import codec, data, defences, link, manifest, metrics, transport
+from splitleak.core import codec, data, defences, link, manifest, metrics, transport
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -349,7 +349,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--defence",
         default="none",
         choices=list(defences.DEFENCES),
-        help="transform the activation before it leaves the device (see splitleak.defences)",
+        help="transform the activation before it leaves the device (see splitleak.core.defences)",
     )
     parser.add_argument(
         "--strength",

@@ -10,15 +10,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("splitleak.train", "train a zoo model on a data set and cache the checkpoint"),
-    "export": ("splitleak.export", "write head and tail ONNX files for every split point, with a manifest"),
+    "train": ("splitleak.model.train", "train a zoo model on a data set and cache the checkpoint"),
+    "export": ("splitleak.model.export", "write head and tail ONNX files for every split point, with a manifest"),
     "cloud": ("splitleak.cloud.server", "serve the tails over the Open Inference Protocol (gRPC)"),
     "device": ("splitleak.device.client", "run the head on frames with ONNX Runtime and stream them to the cloud"),
-    "run": ("splitleak.local", "start a cloud and a device as two processes on loopback and print the summary"),
+    "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
-    "sweep": ("splitleak.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
-    "recommend": ("splitleak.recommend", "the fastest split and defence within privacy and accuracy bounds"),
+    "sweep": ("splitleak.study.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
+    "recommend": ("splitleak.study.recommend", "the fastest split and defence within privacy and accuracy bounds"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from splitleak import data
+from splitleak.core import data
 
 SHARED = data.data_root()
 EXPORTED_SPLITS = ("layer1", "layer2")  # attacked_model_dir's decoders: the default split, and one to switch to
@@ -31,14 +31,14 @@ def tiny_checkpoint(isolated_cache) -> dict:
     """ResNet-20 trained for 2 epochs on 2,000 CIFAR-10 images: about 15 s, well above chance."""
     if SHARED is None:
         pytest.skip("needs ../shared/datasets")
-    from splitleak.train import TrainConfig, train
+    from splitleak.model.train import TrainConfig, train
 
     return train(TrainConfig(model="resnet20", dataset="cifar10", epochs=2, limit=2000, lr=0.1), progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
-    from splitleak.export import export_checkpoint
+    from splitleak.model.export import export_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-resnet20")
     export_checkpoint(tiny_checkpoint, out)
@@ -48,7 +48,7 @@ def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture
 def cloud(tiny_model_dir):
     """A real `splitleak cloud` process serving the tiny model; yields its port."""
-    from splitleak.local import start_cloud, stop
+    from splitleak.core.process import start_cloud, stop
 
     proc, port = start_cloud([tiny_model_dir])
     yield port

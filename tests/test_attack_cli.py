@@ -16,7 +16,7 @@ import sys
 from conftest import needs_shared
 
 from splitleak.attacker import proxy
-from splitleak.local import stop
+from splitleak.core.process import stop
 
 pytestmark = needs_shared
 

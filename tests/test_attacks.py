@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import needs_shared
 
-from splitleak import cli, codec, data, manifest
-from splitleak.attacker import capture
+from splitleak import cli
 from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.scoring import psnr
+from splitleak.core import capture, codec, data, manifest
 
 pytestmark = needs_shared
 

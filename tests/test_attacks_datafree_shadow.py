@@ -19,11 +19,12 @@ import pytest
 import torch
 from conftest import needs_shared
 
-from splitleak import data, defences, export, manifest, zoo
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.attacks.datafree import blocks_of
 from splitleak.attacker.scoring import psnr, ssim
+from splitleak.core import data, defences, manifest
+from splitleak.model import export, zoo
 
 pytestmark = needs_shared
 
@@ -38,7 +39,7 @@ def victim() -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_dir_with_batch_norm(tiny_model_dir):
     """The tiny model as `splitleak export` writes it: without constant folding, so its heads keep the
-    BatchNormalization nodes whose statistics the data-free attack reads (splitleak.export.export_onnx)."""
+    BatchNormalization nodes whose statistics the data-free attack reads (splitleak.model.export.export_onnx)."""
     return tiny_model_dir
 
 

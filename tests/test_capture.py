@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitleak import codec, data, manifest
-from splitleak.attacker import capture
+from splitleak.core import capture, codec, data, manifest
 
 
 def request_bytes(activation: np.ndarray, frame_id: int | None = None, model: str = "m.layer1") -> bytes:

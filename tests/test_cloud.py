@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitleak import codec, manifest, transport
+from splitleak.core import codec, manifest, transport
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -121,7 +121,7 @@ def test_metadata_index_and_health_describe_what_is_served(stub, model, cloud):
 def test_the_cloud_finishes_in_flight_work_on_sigterm(tiny_model_dir):
     import time
 
-    from splitleak.local import start_cloud
+    from splitleak.core.process import start_cloud
 
     m = manifest.load(tiny_model_dir)
     proc, port = start_cloud([tiny_model_dir])

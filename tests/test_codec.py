@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from splitleak import codec
+from splitleak.core import codec
 
 dtypes = st.sampled_from(
     [

@@ -8,7 +8,7 @@ import pytest
 from conftest import needs_shared
 from PIL import Image
 
-from splitleak import data, manifest
+from splitleak.core import data, manifest
 
 
 def test_embedded_photos_and_faces_load_offline(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from splitleak import codec, data, defences, manifest, transport
+from splitleak.core import codec, data, defences, manifest, transport
 from splitleak.device import client
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

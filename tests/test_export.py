@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from splitleak import export, manifest, zoo
+from splitleak.core import manifest
+from splitleak.model import export, zoo
 
 # torchvision's ImageNet models run here at 64 px: the split arithmetic is the same as at 224, the export is faster.
 SIZES = {"resnet20": 32, "hecnn": 32, "mobilenet_v2": 64, "resnet18": 64}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from splitleak import link
+from splitleak.core import link
 
 
 def test_a_message_takes_its_size_over_the_bandwidth_plus_half_the_round_trip():

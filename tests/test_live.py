@@ -15,12 +15,12 @@ import onnx
 import pytest
 from conftest import EXPORTED_SPLITS, needs_shared
 
-from splitleak import codec, data, manifest
-from splitleak.attacker import capture, feed, live, proxy
+from splitleak.attacker import feed, live, proxy
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.replay import auxiliary_images
-from splitleak.local import stop
+from splitleak.core import capture, codec, data, manifest
+from splitleak.core.process import stop
 from splitleak.protos import inference_pb2 as pb
 
 

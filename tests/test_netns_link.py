@@ -1,5 +1,5 @@
 """The link model against the kernel: frames from a device in one network namespace to a cloud in another, over a
-veth pair the kernel shapes with tbf at a profile's bandwidth, take as long to go up as splitleak.link says.
+veth pair the kernel shapes with tbf at a profile's bandwidth, take as long to go up as splitleak.core.link says.
 
 The device runs with no link model, so only the kernel slows it. Needs Linux, root and iproute2; skipped otherwise.
 bench/link_check.py is the full comparison, every profile at several split points.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitleak import link, manifest
+from splitleak.core import link, manifest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ is scripts, not a package
 import netns  # noqa: E402

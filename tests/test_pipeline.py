@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from conftest import needs_shared
 
-from splitleak import data, manifest
-from splitleak.train import load_model, to_tensor
+from splitleak.core import data, manifest
+from splitleak.model.train import load_model, to_tensor
 
 
 def run_device(port: int, model_dir: Path, *args: str, env=None) -> subprocess.CompletedProcess:

@@ -14,10 +14,10 @@ import pytest
 from conftest import needs_shared
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitleak import codec, transport
-from splitleak.attacker import capture, proxy
+from splitleak.attacker import proxy
+from splitleak.core import capture, codec, transport
+from splitleak.core.process import start_cloud, stop
 from splitleak.device.client import Head
-from splitleak.local import start_cloud, stop
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from matplotlib.image import imread
 from scipy.ndimage import uniform_filter
 
-from splitleak import data, manifest
 from splitleak.attacker import scoring
-from splitleak.train import load_model, to_tensor
+from splitleak.core import data, manifest
+from splitleak.model.train import load_model, to_tensor
 
 
 def reference_psnr(a: np.ndarray, b: np.ndarray) -> float:

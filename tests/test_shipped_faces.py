@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import SHARED
 
-from splitleak import cli, local, manifest
+from splitleak import cli
 from splitleak.attacker import live, proxy
+from splitleak.core import manifest, process
 from splitleak.demo.server import FACES_MODEL_DIR
 
 SPLIT = "layer1"
@@ -33,7 +34,7 @@ def test_the_shipped_faces_model_loads_with_a_decoder_for_every_split_point():
     reason="../shared/datasets (or $SPLITLEAK_DATA) with att_faces is not here: no identities to leak",
 )
 def test_splitleak_attack_on_a_real_capture_of_the_shipped_faces_model_reports_identity_leakage(tmp_path):
-    cloud, cloud_port = local.start_cloud([FACES_MODEL_DIR])
+    cloud, cloud_port = process.start_cloud([FACES_MODEL_DIR])
     try:
         tap, port = proxy.start_process(f"127.0.0.1:{cloud_port}", tmp_path / "capture", dataset="att_faces")
         try:
@@ -41,9 +42,9 @@ def test_splitleak_attack_on_a_real_capture_of_the_shipped_faces_model_reports_i
             device += ["--model-dir", str(FACES_MODEL_DIR), "--dataset", "att_faces", "--split", SPLIT]
             subprocess.run([*device, "--limit", str(FRAMES)], check=True, capture_output=True, timeout=120)
         finally:
-            assert local.stop(tap) == 0
+            assert process.stop(tap) == 0
     finally:
-        local.stop(cloud)
+        process.stop(cloud)
 
     # rMLE (white box) with few steps: at layer1 it is enough to name the people, in seconds.
     attack = ["attack", "--capture", str(tmp_path / "capture"), "--attack", "rmle", "--steps", "100"]

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import needs_shared
 
-from splitleak import cli, link, plots, recommend, sweep
+from splitleak import cli
+from splitleak.core import link
+from splitleak.study import plots, recommend, sweep
 
 pytestmark = needs_shared
 
@@ -149,11 +151,11 @@ def test_pareto_front_keeps_only_the_undominated_points():
 
 
 def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_model_dir):
-    from splitleak import defences, manifest
     from splitleak.attacker import scoring
     from splitleak.attacker.attacks import build
     from splitleak.attacker.attacks.base import query, session
     from splitleak.attacker.replay import auxiliary_images
+    from splitleak.core import defences, manifest
 
     m = manifest.load(tiny_model_dir)
     aux = auxiliary_images("cifar10", m, 400)
@@ -167,11 +169,11 @@ def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_mod
 
 
 def test_rmle_that_knows_the_dropout_beats_rmle_that_does_not(tiny_model_dir):
-    from splitleak import defences, manifest
     from splitleak.attacker import scoring
     from splitleak.attacker.attacks import build
     from splitleak.attacker.attacks.base import query, session
     from splitleak.attacker.replay import auxiliary_images
+    from splitleak.core import defences, manifest
 
     m = manifest.load(tiny_model_dir)
     victims = auxiliary_images("cifar10", m, 8, seed=3)

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_shared
 
-from splitleak import cli, data, manifest, train, zoo
-from splitleak.attacker.attacks.decoder import build_decoder
-from splitleak.train_defended import activation_dcor, distance_correlation
+from splitleak import cli
+from splitleak.core import data, manifest
+from splitleak.model import train, zoo
+from splitleak.model.inverse import build_decoder
+from splitleak.model.objectives import activation_dcor, distance_correlation
 
 SPLIT = "layer1"
 

@@ -3,7 +3,7 @@
 An attack is built once with keyword-only knobs, among them the knowledge it is given (the manifest and split point
 it targets; auxiliary images where it has some). It checks them and does all of its training in the constructor, so
 a built attack is ready: `invert` maps intercepted activations to reconstructed images, and nothing else is public.
-Trained weights are cached under `splitleak.data.cache_dir()`, keyed by the head's sha256 and the knobs.
+Trained weights are cached under `splitleak.core.data.cache_dir()`, keyed by the head's sha256 and the knobs.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import ClassVar
 import numpy as np
 import onnxruntime as ort
 
-from splitleak import data
-from splitleak.manifest import Manifest, sha256
+from splitleak.core import data
+from splitleak.core.manifest import Manifest, sha256
 
 
 class Attack(ABC):

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 from torch import fx, nn
 
-from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, cache_path, check_positive
 from splitleak.attacker.attacks.rmle import total_variation
-from splitleak.manifest import Manifest
+from splitleak.core import defences
+from splitleak.core.manifest import Manifest
 
 # As in DeepInversion's code, the first batch norm counts ten times as much as the others: it alone sees the image's
 # colours and edges. The priors' weights were tuned at the stem of ResNet-20 on CIFAR-10 (pixels in [0, 1]): a TV

@@ -7,14 +7,11 @@ minimise the mean of ||g(head(x)) - x||^2 over them. One forward pass of g then 
 Trained with Adam rather than the paper's SGD, from PyTorch's default initialisation rather than Xavier's; auxiliary
 images from the target's training set are the paper's "same set" case (Table 4).
 
-Against a defended device (splitleak.defences) the attacker adapts, as a real one would: knowing the defence and its
-strength (a phone app's defence is no secret), it first trains the undefended decoder, then goes on training it for
-`adapt_epochs` on activations that pass through the same defence, restored as the cloud restores them.
+Against a defended device (splitleak.core.defences) the attacker adapts, as a real one would: knowing the defence
+and its strength (a phone app's defence is no secret), it first trains the undefended decoder, then goes on training
+it for `adapt_epochs` on activations that pass through the same defence, restored as the cloud restores them.
 
-g is sized from the activation's shape and the image's: a 3x3 convolution in, one stride-2 transposed convolution
-per doubling of the side (He et al.'s decoders mirror the head's pooling the same way), halving the width each time
-so every stage costs about the same, and a 3x3 convolution out to the image's channels. A batch norm on the way in
-learns the activation's scale, which differs by orders of magnitude between heads with and without batch norm.
+The network g is splitleak.model.inverse.build_decoder.
 """
 
 from __future__ import annotations
@@ -22,27 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, query, session
-from splitleak.manifest import Manifest
-
-
-def build_decoder(activation_shape: tuple[int, ...], image_shape: tuple[int, int, int], width: int) -> nn.Sequential:
-    """A decoder from activations of `activation_shape` ((C, h, w) or (C,)) to images of `image_shape` (H, W, C)."""
-    c, h, w = (*activation_shape, 1, 1) if len(activation_shape) == 1 else activation_shape
-    height, width_px, channels = image_shape
-    layers: list[nn.Module] = [nn.Unflatten(1, (c, 1, 1))] if len(activation_shape) == 1 else []
-    layers += [nn.BatchNorm2d(c), nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
-    while 2 * h <= height and 2 * w <= width_px:
-        out = max(width // 2, 16)
-        layers += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.ReLU()]  # (B, out, 2h, 2w)
-        width, h, w = out, 2 * h, 2 * w
-    if (h, w) != (height, width_px):  # sides that are not a power of two apart (224 from 14 is, 112 from 8 is not)
-        layers.append(nn.Upsample(size=(height, width_px), mode="bilinear"))
-    layers += [nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid()]  # (B, C, H, W) in [0, 1]
-    return nn.Sequential(*layers)
+from splitleak.core import defences
+from splitleak.core.manifest import Manifest
+from splitleak.model.inverse import build_decoder
 
 
 class InverseNetwork(Attack):

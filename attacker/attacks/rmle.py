@@ -17,7 +17,7 @@ The attacker converts the head's ONNX file, pulled out of the app, to torch with
 
 Against a defended device the attacker is told the defence and its strength (`defence`, `strength`; a phone app's
 defence is no secret) and models it. A defence that zeroes part of the activation (dropout, channel dropout, top-k
-pruning: splitleak.defences) leaves the other elements as they were, dropout scaled by 1 / (1 - p): the distance
+pruning: splitleak.core.defences) leaves the other elements as they were, dropout scaled by 1 / (1 - p): the distance
 then counts only the elements that arrived non-zero, against the head's output scaled the same way, so the optimiser
 is not asked to make the image produce zeros where the defence, not the image, put them. Against noise the plain
 squared distance is already the maximum-likelihood fit for Gaussian noise, and quantised activations arrive restored
@@ -30,9 +30,9 @@ import numpy as np
 import onnx2torch
 import torch
 
-from splitleak import defences
 from splitleak.attacker.attacks.base import Attack, check_positive
-from splitleak.manifest import Manifest
+from splitleak.core import defences
+from splitleak.core.manifest import Manifest
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ import onnx2torch
 import torch
 import torch.nn.functional as F
 
-from splitleak import zoo
 from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, model_input
 from splitleak.attacker.attacks.rmle import RegularizedMLE
-from splitleak.export import export_onnx
-from splitleak.manifest import Manifest
+from splitleak.core.manifest import Manifest
+from splitleak.model import zoo
+from splitleak.model.export import export_onnx
 
 
 class ShadowModel(Attack):

@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from splitleak import link
+from splitleak.core import link
+from splitleak.core.facts import RECOGNISABLE_SSIM
 
 
 def name(row: dict) -> str:
@@ -98,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=Path("sweep"), help="a sweep's folder (or its sweep.json)")
     parser.add_argument("--link", default="4g", choices=list(link.PROFILES))
-    parser.add_argument("--max-ssim", type=float, default=0.3, help="bound on every attack's mean SSIM")
+    parser.add_argument("--max-ssim", type=float, default=RECOGNISABLE_SSIM, help="bound on every attack's mean SSIM")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0, help="bound on the accuracy lost, in points")
     parser.add_argument("--by", choices=("median", "p95"), default="median", help="which latency to minimise")
     parser.add_argument("--json", type=Path, help="also write the recommendation here")

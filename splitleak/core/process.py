@@ -1,21 +1,16 @@
-"""`splitleak run`: the cloud and the device as two real processes on loopback, the device's summary printed.
+"""Starting and stopping splitleak's own processes (`splitleak cloud`, the proxy, ...) on loopback.
 
-The same entry points a user starts by hand (`splitleak cloud`, `splitleak device`), so this exercises exactly
-what a split deployment runs. Options other than `--models` are passed on to the device.
+Every launcher (`splitleak run`, the demo, the sweep, the tests) starts a server with `--port 0` and reads the port it
+prints on its first line, so that nothing ever races for a fixed port.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-
-from splitleak import manifest
-
-FORWARDS_OPTIONS = True
 
 
 def start_cloud(
@@ -61,35 +56,3 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models",
-        type=Path,
-        default=manifest.DEFAULT_MODEL_DIR,
-        help="an exported model folder (default: the shipped ResNet-20 on CIFAR-10)",
-    )
-    parser.epilog = "Every other option is passed to `splitleak device` (see splitleak device --help)."
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    cloud, port = start_cloud([args.models])
-    print(f"cloud process {cloud.pid} listening on 127.0.0.1:{port}", flush=True)
-    try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "splitleak.cli",
-            "device",
-            "--cloud",
-            f"127.0.0.1:{port}",
-            "--model-dir",
-            str(args.models),
-            *args.forward,
-        ]
-        return subprocess.run(cmd).returncode
-    finally:
-        stop(cloud)

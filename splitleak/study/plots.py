@@ -16,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from splitleak.sweep import LATENCY_STAGES, RECOGNISABLE_SSIM  # noqa: E402
+from splitleak.core.facts import RECOGNISABLE_SSIM  # noqa: E402
+from splitleak.study.rows import LATENCY_STAGES  # noqa: E402
 
 STAGE_COLOURS = {
     "device": "#4c72b0",

@@ -51,7 +51,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from splitleak.manifest import Split
+from splitleak.core.manifest import Split
 
 Tensors = dict[str, np.ndarray]
 Parameters = dict[str, int | float | str]

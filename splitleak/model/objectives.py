@@ -3,7 +3,7 @@
 `splitleak train --defence NAME --strength S --split SPLIT [--from-checkpoint]` trains with one of these objectives in
 place of the plain cross-entropy; `splitleak export --checkpoint PATH` then writes the defended variant with a
 `training_defence` record in its manifest (name, strength, split, from, epochs). Both change the head's weights, so
-unlike the run-time defences (splitleak.defences) they ship as a model of their own, and cost nothing at run time.
+unlike the run-time defences (splitleak.core.defences) they ship as a model of their own, and cost nothing at run time.
 
 - `nopeek`: Vepakomma, Singh, Gupta and Raskar, "NoPeek: Information leakage reduction to share activations in
   distributed deep learning" (ICDMW 2020), Eq. 1: loss = CE(tail(head(x)), y) + alpha * dCor(x, head(x)) over each
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitleak import zoo
+from splitleak.model import zoo
+from splitleak.model.inverse import build_decoder
 
 DECODER_WIDTH = 64  # the `decoder` attack's default, so the head trains against as strong a decoder as it will meet
 DECODER_LR = 1e-3
@@ -109,9 +110,6 @@ class AdversarialTraining(SplitObjective):
     """DECODER_STEPS decoder steps on the head as it stands, then loss = CE - lambda * MSE(decoder(head(x)), image)."""
 
     def __init__(self, model: nn.Sequential, **knobs) -> None:
-        # The attacker's own decoder; imported here so that training without this defence never loads the attacker.
-        from splitleak.attacker.attacks.decoder import build_decoder
-
         super().__init__(model, **knobs)
         channels, height, width = self.input_shape
         activation_shape = tuple(self.head(torch.zeros(2, *self.input_shape)).shape[1:])

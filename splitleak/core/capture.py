@@ -10,7 +10,7 @@ A capture is a folder:
   `uint32` length `n`, an `int64` `captured_ns` (wall clock, ns, when the tap saw the request), then `n` bytes: the
   serialized `inference.ModelInferRequest` (protos/inference.proto) exactly as the tap holds it, so anything that
   reads the Open Inference Protocol reads the payload. The split facts (`split_point`, `frame_id`, ...) are in its
-  `parameters`; see splitleak.codec.
+  `parameters`; see splitleak.core.codec.
 
 The writer flushes every record, so a reader of a live capture, or of one whose tap crashed, loses at most the last
 record, which `read` recognises as cut short and leaves out.
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from splitleak import codec, data, defences
-from splitleak.manifest import Manifest
+from splitleak.core import codec, data, defences
+from splitleak.core.manifest import Manifest
 from splitleak.protos import inference_pb2 as pb
 
 FORMAT = "splitleak-capture"

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-IDENTITY_DATASETS = ("att_faces",)  # data sets whose labels name people: reconstructions leak who they are
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

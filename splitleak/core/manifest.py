@@ -3,11 +3,11 @@
 An exported model is a folder (written by `splitleak export`) holding, for every split point, `SPLIT.head.onnx` and
 `SPLIT.tail.onnx`, and `manifest.json` describing the input (size, normalisation), the activation at each split
 (shape, dtype, bytes) and the sha256 of every file, checked on load. Where `splitleak export` had the training data,
-each split also holds the calibration the run-time defences need (splitleak.defences): `reference_std`, the std of
+each split also holds the calibration the run-time defences need (splitleak.core.defences): `reference_std`, the std of
 the activation over calibration images, and `channel_ranking`, the channels from most to least important to the
 tail's prediction. A manifest without them still loads; only the defences that need them refuse it.
 
-A model variant trained with a training-time defence (splitleak.train_defended) also records it at the top level:
+A model variant trained with a training-time defence (splitleak.model.objectives) also records it at the top level:
 `training_defence` = {"name": "nopeek" | "adversarial", "strength": weight in the loss, "split": the split point it
 protects, "from": the model it was fine-tuned from (None: trained afresh), "epochs": of that training}. Ordinary
 models have none (`Manifest.training_defence` is None).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "resnet20-cifar10"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "resnet20-cifar10"
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Split:
 
     @property
     def activation_bytes(self) -> int:
-        from splitleak.codec import DATATYPES
+        from splitleak.core.codec import DATATYPES
 
         return int(np.prod(self.activation_shape)) * DATATYPES[self.activation_datatype].itemsize
 

@@ -5,7 +5,7 @@ it receives (`splitleak cloud --record`: the curious cloud) and a real device pr
 streams the same frames through the head and the defence. That run gives the accuracy, the bytes on the wire and the
 measured compute on each side: device (preprocess, head, defence, encode), cloud (restore, tail), and the transport
 on loopback (serialisation, gRPC, both ways). Then each attack inverts what the cloud recorded and is scored against
-the original frames. The links are not re-run: a link adds the link model's delay (splitleak.link) for the frame's
+the original frames. The links are not re-run: a link adds the link model's delay (splitleak.core.link) for the frame's
 measured bytes each way, so
 
     total = device + uplink(link, bytes up) + cloud + downlink(link, bytes down) + transport (measured on loopback)
@@ -19,7 +19,7 @@ A training-time defence (NoPeek, adversarial training) is a model variant (`--va
 
 Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), `sweep.md` (the same for
 people: one line per configuration, the links side by side), and the plots (PNG and SVG:
-splitleak.plots). What a configuration measured or an attack scored is cached under the cache folder
+splitleak.study.plots). What a configuration measured or an attack scored is cached under the cache folder
 (`SPLITLEAK_CACHE`), keyed by the model's files and every setting that changes it, so a re-run only does what changed.
 """
 
@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak import data, link, local, manifest
+from splitleak.core import data, link, manifest, process
+from splitleak.study.rows import LATENCY_STAGES
 
 DEFAULT_DEFENCES = ("gaussian:0.5,1,2", "dropout:0.3,0.6,0.9", "quantise:8,4,2", "topk:0.25,0.5,0.75")
 DEFAULT_LINKS = ("wifi", "4g", "3g")
@@ -50,8 +51,6 @@ DEFAULT_ATTACKS = ("decoder", "rmle")
 # defence adds one epoch of adaptation; rMLE runs 300 steps on 16 frames (bench/attack_table.py runs 5,000).
 ATTACK_KNOBS = {"decoder": {"epochs": 10, "adapt_epochs": 1}, "rmle": {"steps": 300}}
 ATTACK_FRAMES = {"rmle": 16}  # at most this many frames for the slow attacks
-LATENCY_STAGES = ("device", "uplink", "cloud", "downlink", "transport")
-RECOGNISABLE_SSIM = 0.3
 
 
 @functools.cache
@@ -94,7 +93,7 @@ class Settings:
 
 def parse_defences(specs: list[str]) -> list[tuple[str, float]]:
     """["gaussian:0.5,1", "fp16"] -> [("gaussian", 0.5), ("gaussian", 1.0), ("fp16", default)]."""
-    from splitleak import defences
+    from splitleak.core import defences
 
     out = []
     for spec in specs:
@@ -185,7 +184,7 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict,
     """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
     capture_dir, out = workdir / "capture", workdir / "device.json"
     with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
-        cloud, port = local.start_cloud(
+        cloud, port = process.start_cloud(
             [config.model_dir], ["--record", str(capture_dir), "--dataset", settings.dataset], stderr=log
         )
     try:
@@ -205,7 +204,7 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict,
         if done.returncode != 0:
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
-        local.stop(cloud)
+        process.stop(cloud)
     return json.loads(out.read_text())["frames"], capture_dir
 
 
@@ -231,7 +230,7 @@ def measurement(records: list[dict]) -> dict:
 
 def intercepted(config: Config, capture_dir: Path, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first `frames` activations the cloud recorded, restored, with their frame ids and the original frames."""
-    from splitleak.attacker import capture
+    from splitleak.core import capture
 
     m = load_manifest(config.model_dir)
     split = m.split(config.split)
@@ -482,7 +481,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     write_table(table, args.out)
     if not args.no_plots:
-        from splitleak import plots
+        from splitleak.study import plots
 
         plots.write_all(table, args.out)
     print(f"sweep: {len(table)} rows in {args.out / 'sweep.csv'} ({time.perf_counter() - start:.0f} s)")

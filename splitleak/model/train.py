@@ -4,7 +4,7 @@ The recipe is the usual fast CIFAR one: SGD with Nesterov momentum under a one-c
 "Super-convergence", 2019), random crops with 4-pixel padding and horizontal flips, light label smoothing. It is what
 lets ResNet-20 pass 85% on CIFAR-10 in a few epochs on a laptop CPU.
 
-With `--defence` it trains a defended variant instead (splitleak.train_defended: NoPeek or adversarial training at one
+With `--defence` it trains a defended variant instead (splitleak.model.objectives: NoPeek or adversarial training at one
 split point), from scratch or, with `--from-checkpoint`, fine-tuning the cached undefended checkpoint of the same
 model and data at a tenth of the learning rate. Its checkpoint is cached beside the undefended one under the variant's
 name (e.g. `resnet20-cifar10-nopeek1.0-layer1`) and carries the `training_defence` record the export writes.
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from splitleak import data, train_defended, zoo
+from splitleak.core import data
+from splitleak.model import objectives, zoo
 
 FINE_TUNE_LR = 0.02  # the peak learning rate when fine-tuning: a tenth of training's, so the task is kept
 
@@ -40,7 +41,7 @@ class TrainConfig:
     size: int | None = None  # centre-crop and resize every image to size x size first (non-square sets: faces)
     flip: bool = True  # horizontal flips; off for data where left and right differ in meaning (digits)
     seed: int = 0
-    defence: str | None = None  # a training-time defence (splitleak.train_defended.DEFENCES)
+    defence: str | None = None  # a training-time defence (splitleak.model.objectives.DEFENCES)
     strength: float = 0.0  # its weight in the loss (NoPeek's alpha, adversarial training's lambda)
     split: str | None = None  # the split point it protects; None: the model's default
     from_checkpoint: bool = False  # fine-tune the cached undefended checkpoint of the same model and data
@@ -134,7 +135,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     else:
         model = load_model(base)
     if config.defence:
-        objective = train_defended.build(
+        objective = objectives.build(
             config.defence,
             model,
             split=config.split,
@@ -160,7 +161,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
     )
     history = []
     if base is not None:  # where the fine-tuning starts from, measured as every epoch is
-        dcor = train_defended.activation_dcor(model, config.split, x_test[:1024])
+        dcor = objectives.activation_dcor(model, config.split, x_test[:1024])
         history.append(
             {"epoch": 0, "test_accuracy": evaluate(model, x_test, y_test), "seconds": 0.0, "test_dcor": dcor}
         )
@@ -186,7 +187,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict:
         record = {"epoch": epoch + 1, "test_accuracy": accuracy, "seconds": time.perf_counter() - start}
         record |= {f"train_{k}": float(np.mean(v)) for k, v in terms.items()}  # the defence's term, over the epoch
         if config.split:
-            record["test_dcor"] = train_defended.activation_dcor(model, config.split, x_test[:1024])
+            record["test_dcor"] = objectives.activation_dcor(model, config.split, x_test[:1024])
         history.append(record)
         if progress:
             measured = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in {"epoch", "seconds"})
@@ -235,7 +236,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, choices=sorted(zoo.ZOO))
-    parser.add_argument("--dataset", default=defaults.dataset, help="a data set name (see splitleak.data)")
+    parser.add_argument("--dataset", default=defaults.dataset, help="a data set name (see splitleak.core.data)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument(
@@ -247,8 +248,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (centre crop) first")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flips (for digits)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    defence = parser.add_argument_group("training-time defence (splitleak.train_defended)")
-    defence.add_argument("--defence", choices=sorted(train_defended.DEFENCES), help="train a defended variant")
+    defence = parser.add_argument_group("training-time defence (splitleak.model.objectives)")
+    defence.add_argument("--defence", choices=sorted(objectives.DEFENCES), help="train a defended variant")
     defence.add_argument("--strength", type=float, help="the defence's weight in the loss (alpha, lambda)")
     defence.add_argument("--split", help="the split point it protects (default: the model's default split)")
     defence.add_argument(

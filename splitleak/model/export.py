@@ -1,9 +1,9 @@
 """Export a trained model as head and tail ONNX files for every split point (`splitleak export`).
 
 Both halves take a dynamic batch dimension. The head's input is `image` (normalised float32, NCHW) and its output
-`activation`; the tail takes `activation` and returns `logits`. See splitleak.manifest for the folder's layout.
+`activation`; the tail takes `activation` and returns `logits`. See splitleak.core.manifest for the folder's layout.
 
-Given training images, each split is also calibrated for the run-time defences (splitleak.defences) on the exported
+Given training images, each split is also calibrated for the run-time defences (splitleak.core.defences) on the exported
 ONNX files themselves, so the numbers describe exactly what ships: the activation's reference std, and a channel
 ranking from zeroing one channel at a time and measuring how far the tail's prediction moves (the mean KL divergence
 from the intact prediction). Zeroing every channel runs the tail C times; 128 images keep that to seconds.
@@ -24,8 +24,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from splitleak import data, manifest, zoo
-from splitleak.train import TrainConfig, checkpoint_path, load_model, to_tensor
+from splitleak.core import data, manifest
+from splitleak.model import zoo
+from splitleak.model.train import TrainConfig, checkpoint_path, load_model, to_tensor
 
 OPSET = 18
 CALIBRATION_IMAGES = 128
@@ -101,7 +102,7 @@ def export(
 
     `calibration_images` (normalised float32, NCHW), from `calibration_source`, calibrate every split for the
     defences; without them the manifest has no calibration and the defences that need it refuse this model.
-    `training_defence` is the record of a training-time defence (splitleak.train_defended), written as is."""
+    `training_defence` is the record of a training-time defence (splitleak.model.objectives), written as is."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     example = torch.zeros(2, *input_shape)

@@ -4,7 +4,7 @@ Tensors travel as raw little-endian bytes, row-major (the OIP's `raw_input_conte
 which costs one copy each way instead of the per-element encoding of the typed `contents` fields.
 
 A defended activation may travel in another form (FP16, UINT8 levels with `scale` and `zero_point` inputs, or some
-channels with a `channels` input); splitleak.defences writes and reads those forms, this module only moves tensors.
+channels with a `channels` input); splitleak.core.defences writes and reads those forms, this module only moves tensors.
 
 Split-specific facts ride in the request and response `parameters` maps, so a stock OIP client or server ignores them:
 
@@ -13,8 +13,8 @@ Split-specific facts ride in the request and response `parameters` maps, so a st
 | `split_point` | request | string | the head's last block |
 | `frame_id` | request | int64 | the frame's index in the data set the device reads (for scoring) |
 | `device_send_ns` | request | int64 | wall clock (ns) when the device put the request on the link |
-| `defence`, `defence_strength` | request | string, double | the defence the device applied (splitleak.defences) |
-| `bits` | request | int64 | with quantised UINT8 levels: bits per level, packed below 8 (splitleak.defences) |
+| `defence`, `defence_strength` | request | string, double | the defence the device applied (splitleak.core.defences) |
+| `bits` | request | int64 | with quantised UINT8 levels: bits per level, packed below 8 (splitleak.core.defences) |
 | `cloud_recv_ns`, `cloud_send_ns` | response | int64 | wall clock (ns): cloud got the request / sent the answer |
 | `cloud_compute_ms` | response | double | time the cloud spent validating and running the tail |
 """
