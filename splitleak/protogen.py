@@ -15,13 +15,14 @@ PROTO_DIR = Path(__file__).resolve().parents[1] / "protos"
 GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 
 
-def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
+def generate(out_dir: Path = PROTO_DIR, *, proto_dir: Path = PROTO_DIR) -> list[Path]:
+    """Compile `proto_dir`/inference.proto into `out_dir`; returns the stubs written there."""
     from grpc_tools import protoc  # a dev dependency: only needed to regenerate
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "protoc",
-            f"-Isplitleak/protos={PROTO_DIR}",
+            f"-Isplitleak/protos={proto_dir}",
             f"-I{protoc._get_resource_file_name('grpc_tools', '_proto')}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",

@@ -1,15 +1,40 @@
 """The wire format is written once: the committed stubs are what grpcio-tools makes of protos/inference.proto."""
 
+import shutil
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 from splitleak import protogen
 from splitleak.protos import inference_pb2 as pb
 
+# The repository's own protos/, found from this file: not wherever the package happens to be installed.
+PROTOS = Path(__file__).resolve().parents[1] / "protos"
+
+
+def stale_stubs(protos: Path, scratch: Path) -> list[str]:
+    """The stubs committed in `protos` that differ from a fresh generation from its inference.proto."""
+    fresh = protogen.generate(scratch, proto_dir=protos)
+    assert sorted(f.name for f in fresh) == sorted(protogen.GENERATED)
+    return [f.name for f in fresh if (protos / f.name).read_text() != f.read_text()]
+
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path):
-    for fresh in protogen.generate(tmp_path):
-        committed = protogen.PROTO_DIR / fresh.name
-        assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run python -m splitleak.protogen"
+    assert stale_stubs(PROTOS, tmp_path) == [], f"stubs in {PROTOS} are stale: run `make protos` and commit them"
+
+
+def test_a_stub_edited_by_hand_or_a_proto_changed_without_its_stubs_is_caught(tmp_path):
+    copy = Path(shutil.copytree(PROTOS, tmp_path / "protos", ignore=shutil.ignore_patterns("__pycache__")))
+    stub = copy / "inference_pb2_grpc.py"
+    stub.write_text(stub.read_text() + "# edited by hand\n")
+    assert stale_stubs(copy, tmp_path / "edited-stub") == ["inference_pb2_grpc.py"]
+
+    shutil.copy(PROTOS / stub.name, stub)
+    proto = copy / "inference.proto"
+    message = "message ServerLiveRequest {"
+    assert message in proto.read_text()
+    proto.write_text(proto.read_text().replace(message, message + " string reason = 9;"))
+    assert stale_stubs(copy, tmp_path / "edited-proto") == ["inference_pb2.py", "inference_pb2.pyi"]
 
 
 def field_numbers(message) -> dict[str, int]:
@@ -73,4 +98,8 @@ def test_messages_use_the_open_inference_protocol_field_numbers():
 
 
 def test_the_proto_is_shipped_beside_its_stubs():
-    assert (Path(pb.__file__).parent / "inference.proto").exists()
+    # Under an editable install the package is protos/ itself, so looking beside pb.__file__ proves nothing: read
+    # what a wheel takes instead.
+    setuptools = tomllib.loads((PROTOS.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["splitleak.protos"] == PROTOS.name
+    assert any(fnmatch("inference.proto", pattern) for pattern in setuptools["package-data"]["splitleak.protos"])
