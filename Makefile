@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 /usr/bin/firefox-esr:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq firefox-esr
 
-.PHONY: install run demo test test-firefox bench lint protos
+.PHONY: install run demo test test-fast test-firefox bench lint protos
 install: $(BIN)/.installed
 
 run: install  ## the cloud and the device as two processes, 200 frames, per-stage latency
@@ -27,13 +27,16 @@ demo: install  ## the live attack demo in the browser: prints the address to ope
 test: install /usr/bin/chromium /usr/bin/firefox-esr  ## the whole suite: real processes, gRPC, data, Chromium, Firefox
 	$(BIN)/pytest
 
+test-fast: install  ## the quick loop: everything but what trains, streams many frames, sweeps or drives a browser
+	$(BIN)/pytest -m "not slow"
+
 test-firefox: install /usr/bin/firefox-esr  ## the demo's page in a real Firefox
 	$(BIN)/pytest tests/test_demo.py -k firefox
 
 bench: install  ## the benchmarks in bench/, side by side against their baselines
 	$(BIN)/pytest bench --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
 
-lint: install
+lint: install  ## ruff check and ruff format --check, as CI runs them
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 protos: install  ## regenerate protos/*_pb2*.py from protos/inference.proto
