@@ -2,9 +2,8 @@
 replays the capture with an attack that needs the labels of its auxiliary images (`shadow`).
 
 Floors sit between what was measured with the knobs below (the tiny ResNet-20 of conftest, split at the stem, the
-device's first 16 frames): 24.5 dB, SSIM 0.89 with one torch thread, 21.7 dB and 0.82 with two (the tiny model trains a
-little differently); and the same run with the auxiliary labels shuffled, which is what replay handing over labels
-that do not belong to the images gives: 19.2 dB, SSIM 0.76.
+device's first 16 frames of the sample, two torch threads): 22.6 dB, SSIM 0.81; and the same run with the auxiliary
+labels shuffled, which is what replay handing over labels that do not belong to the images gives: 18.7 dB, SSIM 0.66.
 """
 
 from __future__ import annotations
@@ -13,12 +12,8 @@ import json
 import subprocess
 import sys
 
-from conftest import needs_shared
-
 from splitleak.attacker import proxy
 from splitleak.core.process import stop
-
-pytestmark = needs_shared
 
 FRAMES = 16
 
@@ -44,4 +39,4 @@ def test_splitleak_attack_shadow_inverts_a_real_capture_with_the_auxiliary_label
     assert summary["auxiliary"] == {"dataset": "cifar10", "images": 500}
     assert summary["knobs"] == {"epochs": 4, "steps": 200}
     assert summary["psnr_mean"] > 20.5
-    assert summary["ssim_mean"] > 0.8
+    assert summary["ssim_mean"] > 0.73

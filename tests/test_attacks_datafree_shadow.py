@@ -1,13 +1,14 @@
 """The data-free (DCI) and query-free (shadow head) attacks invert real activations of a real tiny model.
 
-Measured on ResNet-20 after 2 epochs on 2,000 CIFAR-10 images, split at the stem, 64 test frames; each floor sits
-between what the attack gets and what it gets when its distinctive step does nothing:
+Measured on the tiny ResNet-20 of conftest (6 epochs on the sample's 1,000 CIFAR-10 images), split at the stem, 64
+test frames of the sample; each floor sits between what the attack gets and what it gets when its distinctive step
+does nothing:
 
-- datafree with the knobs below: ~22.9 dB, SSIM ~0.86; its inverse trained on uniform noise instead of images
-  synthesised from the head's batch-norm statistics (one synthesis step): ~20.2 dB, ~0.83; the data set's mean
-  colour: ~13 dB, ~0.11.
-- shadow on 500 auxiliary images for 4 epochs: ~20.5 dB, SSIM ~0.77; rMLE against an untrained shadow head, which
-  still finds where the edges are: ~16.4 dB, ~0.64.
+- datafree with the knobs below: ~21.2 dB, SSIM ~0.82; its inverse trained on uniform noise instead of images
+  synthesised from the head's batch-norm statistics (one synthesis step): ~19.5 dB, ~0.82, so on this model only the
+  PSNR floor separates them; the data set's mean colour: ~12 dB, ~0.13.
+- shadow on 500 auxiliary images for 4 epochs: ~21.7 dB, SSIM ~0.82; rMLE against an untrained shadow head (its
+  training loop skipped): ~7.6 dB, SSIM ~0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import needs_shared
 
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
@@ -25,8 +25,6 @@ from splitleak.attacker.attacks.datafree import blocks_of
 from splitleak.attacker.scoring import psnr, ssim
 from splitleak.core import data, defences, manifest
 from splitleak.model import export, zoo
-
-pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +69,8 @@ def test_datafree_at_the_stem_reconstructs_test_frames_from_no_data_at_all(model
     reconstructions = build("datafree", **knobs).invert(activations)
 
     assert reconstructions.shape == (64, 32, 32, 3) and reconstructions.dtype == np.float32
-    assert np.mean(psnr(victim, reconstructions)) > 21.5
-    assert np.mean(ssim(victim, reconstructions)) > 0.8
+    assert np.mean(psnr(victim, reconstructions)) > 20.4
+    assert np.mean(ssim(victim, reconstructions)) > 0.78
     start = time.perf_counter()
     again = build("datafree", **knobs)  # trained inverses come back from the cache
     assert time.perf_counter() - start < 5

@@ -1,11 +1,13 @@
 """Data sets load by name as numpy arrays; the embedded ones need neither network nor data root."""
 
+import hashlib
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import needs_shared
+from conftest import SAMPLE
 from PIL import Image
 
 from splitleak.core import data, manifest
@@ -21,11 +23,22 @@ def test_embedded_photos_and_faces_load_offline(monkeypatch, tmp_path):
     assert data.default_dataset() == "embedded"
 
 
-@needs_shared
-def test_shared_npz_sets_load_with_their_classes():
-    cifar = data.load("cifar10", "test")
-    assert cifar.images.shape == (10000, 32, 32, 3) and cifar.classes[0] == "airplane"
-    assert data.load("mnist", "test").images.shape == (10000, 28, 28, 1)
+def test_npz_sets_load_by_name_from_the_data_root_with_their_classes():
+    cifar = data.load("cifar10", "test")  # the suite's sample (tests/data): 40 of each class
+    assert cifar.images.shape == (400, 32, 32, 3) and cifar.images.dtype == np.uint8
+    assert cifar.classes[0] == "airplane" and np.bincount(cifar.labels).tolist() == [40] * 10
+    assert data.load("mnist", "test").images.shape == (200, 28, 28, 1)
+    faces = data.load("att_faces", "train")
+    assert faces.images.shape == (280, 112, 92, 1) and len(faces.classes) == 40 and faces.classes[0] == "s1"
+
+
+def test_the_committed_sample_is_what_its_source_md_lists():
+    # tests/data/SOURCE.md says where each file came from and how it was drawn; a file changed without it is caught.
+    listed = dict(re.findall(r"^- `(\w+/\w+\.npz)`: `([0-9a-f]{64})`$", (SAMPLE / "SOURCE.md").read_text(), re.M))
+    files = sorted(SAMPLE.rglob("*.npz"))
+    found = {p.relative_to(SAMPLE).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert found == listed
+    assert sum((SAMPLE / path).stat().st_size for path in found) < 10e6  # small enough to commit
 
 
 def test_an_image_folder_loads_one_class_per_sub_folder(tmp_path):
@@ -51,7 +64,6 @@ def test_resize_crops_to_a_square_and_converts_channels():
     assert out.shape == (2, 16, 16, 1) and (out == 200).all()
 
 
-@needs_shared
 def test_train_and_export_from_the_command_line_on_greyscale_digits(tmp_path):
     run = [sys.executable, "-m", "splitleak.cli"]
     trained = subprocess.run(

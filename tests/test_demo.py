@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import EXPORTED_SPLITS, SHARED, needs_shared
+from conftest import EXPORTED_SPLITS
 
 CHROMIUM = Path("/usr/bin/chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
@@ -41,10 +41,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-needs_att_faces = pytest.mark.skipif(
-    SHARED is None or not (SHARED / "att_faces" / "test.npz").exists(),
-    reason="../shared/datasets (or $SPLITLEAK_DATA) with att_faces is not here: faces mode then names no one",
-)
 pytestmark = pytest.mark.slow
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -87,7 +83,6 @@ def open_page(p, tmp_path: Path) -> tuple:
     return browser, page, errors
 
 
-@needs_shared
 @needs_chromium
 def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_when_a_process_dies(
     attacked_model_dir, tmp_path
@@ -154,7 +149,6 @@ def measure_page_rate(page, seconds: float = 3.0) -> float:
     return (reconstructions(page) - before) / seconds
 
 
-@needs_att_faces
 @needs_chromium
 def test_faces_mode_shows_whom_the_attacker_takes_each_reconstructed_face_for(tmp_path):
     from playwright.sync_api import sync_playwright

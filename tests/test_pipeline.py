@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import needs_shared
 
 from splitleak.core import data, manifest
 from splitleak.model.train import load_model, to_tensor
@@ -28,7 +27,6 @@ def run_device(port: int, model_dir: Path, *args: str, env=None) -> subprocess.C
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
-@needs_shared
 def test_device_and_cloud_processes_agree_with_the_full_pytorch_model(cloud, tiny_model_dir, tiny_checkpoint, tmp_path):
     out = tmp_path / "frames.json"
     done = run_device(
@@ -122,7 +120,6 @@ def test_splitleak_run_starts_both_processes_on_the_shipped_model():
     assert "frames: 20 (0 errors)" in done.stdout and "total" in done.stdout
 
 
-@needs_shared
 def test_two_devices_stream_to_one_cloud_at_the_same_time(cloud, tiny_model_dir, tmp_path):
     cmd = [
         sys.executable,

@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import needs_shared
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitleak.attacker import proxy
@@ -40,7 +39,6 @@ def head_on_originals(head: Head, got: capture.Capture, frame_ids: np.ndarray) -
     return np.concatenate([head.run(x[i : i + 1]) for i in range(len(x))])
 
 
-@needs_shared
 def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_holds_every_activation(
     cloud, tiny_model_dir, tmp_path
 ):
@@ -74,7 +72,6 @@ def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_h
     }
 
 
-@needs_shared
 def test_errors_pass_through_the_proxy_unchanged(cloud, tmp_path):
     good = np.zeros((1, 16, 32, 32), np.float32)
     requests = [
@@ -170,7 +167,6 @@ def facts(record: capture.CapturedRequest) -> tuple:
     return record.model_name, record.split_point, record.frame_id
 
 
-@needs_shared
 def test_the_curious_cloud_records_what_the_proxy_captures_in_the_same_format(tiny_model_dir, tmp_path):
     cloud_proc, cloud_port = start_cloud([tiny_model_dir], ["--record", str(tmp_path / "cloud"), "--dataset", DATASET])
     try:

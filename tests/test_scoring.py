@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import torch
-from conftest import needs_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.image import imread
@@ -71,7 +70,6 @@ def test_identical_images_score_infinite_psnr_and_ssim_one_whether_uint8_or_floa
     np.testing.assert_allclose(scoring.ssim(images, images.astype(np.float32) / 255), 1.0)
 
 
-@needs_shared
 def test_label_leakage_of_the_originals_is_total_and_the_accuracy_is_the_models(tiny_checkpoint, tiny_model_dir):
     test = data.load("cifar10", "test")
     indices = np.random.default_rng(0).permutation(len(test))[:200]
@@ -90,7 +88,6 @@ def test_label_leakage_of_the_originals_is_total_and_the_accuracy_is_the_models(
     assert summary["label_leakage"] < 0.6 and summary["recognisable"] == 0
 
 
-@needs_shared
 def test_the_nearest_gallery_face_names_the_person_in_real_photos_and_not_in_noise():
     gallery, test = data.load("att_faces", "train"), data.load("att_faces", "test")
     faces = data.resize(test.images, 112, 1)  # as the model (and so the attacker) sees them

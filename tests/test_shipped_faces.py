@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SHARED
 
 from splitleak import cli
 from splitleak.attacker import live, proxy
@@ -29,10 +28,6 @@ def test_the_shipped_faces_model_loads_with_a_decoder_for_every_split_point():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    SHARED is None or not (SHARED / "att_faces" / "test.npz").exists(),
-    reason="../shared/datasets (or $SPLITLEAK_DATA) with att_faces is not here: no identities to leak",
-)
 def test_splitleak_attack_on_a_real_capture_of_the_shipped_faces_model_reports_identity_leakage(tmp_path):
     cloud, cloud_port = process.start_cloud([FACES_MODEL_DIR])
     try:

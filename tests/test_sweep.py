@@ -8,13 +8,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import needs_shared
 
 from splitleak import cli
 from splitleak.core import link
 from splitleak.study import plots, recommend, sweep
-
-pytestmark = needs_shared
 
 SPLITS = ("layer1", "layer3")
 DEFENCES = ("quantise:4", "gaussian:2")
