@@ -18,6 +18,21 @@ os.environ["SPLITLEAK_DATA"] = str(SAMPLE)
 
 EXPORTED_SPLITS = ("layer1", "layer2")  # attacked_model_dir's decoders: the default split, and one to switch to
 TINY_TRAIN_IMAGES = 1000  # the sample's whole CIFAR-10 train split; tiny_checkpoint and its fine-tunings train on it
+# Fixtures that train: a test that uses one is slow by definition, and the quick loop (-m "not slow") must never
+# wait for them, so a test that asks for one without the slow marker is an error at collection.
+TRAINING_FIXTURES = {"tiny_checkpoint", "tiny_model_dir", "cloud", "attacked_model_dir"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    unmarked = [
+        f"{item.nodeid} uses {', '.join(sorted(TRAINING_FIXTURES & set(item.fixturenames)))}"
+        for item in items
+        if TRAINING_FIXTURES & set(item.fixturenames) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "mark these @pytest.mark.slow, or use shipped_model_dir / shipped_cloud:\n" + "\n".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +70,25 @@ def cloud(tiny_model_dir):
     from splitleak.core.process import start_cloud, stop
 
     proc, port = start_cloud([tiny_model_dir])
+    yield port
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def shipped_model_dir() -> Path:
+    """The model that ships in splitleak/models (the same ResNet-20 architecture and split points as the tiny one),
+    for tests that need an exported model but not one trained by this session's code."""
+    from splitleak.core import manifest
+
+    return manifest.DEFAULT_MODEL_DIR
+
+
+@pytest.fixture
+def shipped_cloud(shipped_model_dir):
+    """A real `splitleak cloud` process serving the shipped model; yields its port."""
+    from splitleak.core.process import start_cloud, stop
+
+    proc, port = start_cloud([shipped_model_dir])
     yield port
     stop(proc)
 

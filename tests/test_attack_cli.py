@@ -12,8 +12,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from splitleak.attacker import proxy
 from splitleak.core.process import stop
+
+pytestmark = pytest.mark.slow
 
 FRAMES = 16
 

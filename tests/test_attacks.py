@@ -51,6 +51,7 @@ def test_every_attack_says_what_it_knows_and_takes_only_keyword_knobs():
             cls("manifest", "split")
 
 
+@pytest.mark.slow
 def test_rmle_at_the_stem_reconstructs_test_images_it_never_saw(tiny_model_dir, victim):
     _, images = victim
     m = manifest.load(tiny_model_dir)
@@ -63,6 +64,7 @@ def test_rmle_at_the_stem_reconstructs_test_images_it_never_saw(tiny_model_dir, 
     assert np.mean(psnr(images[:8], reconstructions)) > 32
 
 
+@pytest.mark.slow
 def test_rmle_reconstructs_a_frame_the_same_whatever_shares_its_batch(tiny_model_dir, victim):
     _, images = victim
     activations = intercept(tiny_model_dir, "stem", images[:3])
@@ -72,6 +74,7 @@ def test_rmle_reconstructs_a_frame_the_same_whatever_shares_its_batch(tiny_model
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decoder_at_the_stem_beats_20_db_on_held_out_test_images_and_is_cached(tiny_model_dir, victim, auxiliary):
     _, images = victim
     m = manifest.load(tiny_model_dir)
@@ -88,6 +91,7 @@ def test_decoder_at_the_stem_beats_20_db_on_held_out_test_images_and_is_cached(t
     np.testing.assert_array_equal(again.invert(activations), reconstructions)
 
 
+@pytest.mark.slow
 def test_an_attack_refuses_activations_from_another_split(tiny_model_dir, victim):
     _, images = victim
     attack = build("rmle", manifest=manifest.load(tiny_model_dir), split="stem", steps=1)
@@ -107,6 +111,7 @@ def write_capture(path, model_dir, split: str, indices: np.ndarray, images: np.n
             writer.write(request.SerializeToString(), captured_ns=i)
 
 
+@pytest.mark.slow
 def test_splitleak_attack_replays_a_capture_and_writes_the_grid_and_summary(tiny_model_dir, victim, tmp_path, capsys):
     indices, images = victim
     write_capture(tmp_path / "capture", tiny_model_dir, "stem", indices, images)

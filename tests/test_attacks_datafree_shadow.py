@@ -46,6 +46,7 @@ def intercept(model_dir, split: str, images: np.ndarray) -> np.ndarray:
     return query(session(m.split(split).head), m, images)
 
 
+@pytest.mark.slow
 def test_datafree_cuts_a_resnet_head_into_its_residual_blocks_and_chains_them_back(model_dir_with_batch_norm):
     import onnx2torch
 
@@ -61,6 +62,7 @@ def test_datafree_cuts_a_resnet_head_into_its_residual_blocks_and_chains_them_ba
     torch.testing.assert_close(chained, head(x))
 
 
+@pytest.mark.slow
 def test_datafree_at_the_stem_reconstructs_test_frames_from_no_data_at_all(model_dir_with_batch_norm, victim):
     m = manifest.load(model_dir_with_batch_norm)
     knobs = dict(manifest=m, split="stem", synthetic_images=64, synthesis_steps=100, epochs=30, width=32)
@@ -104,6 +106,7 @@ def auxiliary() -> tuple[np.ndarray, np.ndarray]:
     return train.images[indices], train.labels[indices]
 
 
+@pytest.mark.slow
 def test_shadow_at_the_stem_beats_rmle_against_an_untrained_shadow_head(tiny_model_dir, victim, auxiliary):
     images, labels = auxiliary
     m = manifest.load(tiny_model_dir)
@@ -116,18 +119,19 @@ def test_shadow_at_the_stem_beats_rmle_against_an_untrained_shadow_head(tiny_mod
     assert np.mean(ssim(victim, reconstructions)) > 0.71
 
 
-def test_shadow_refuses_auxiliary_images_without_a_label_each(tiny_model_dir, auxiliary):
+def test_shadow_refuses_auxiliary_images_without_a_label_each(shipped_model_dir, auxiliary):
     images, labels = auxiliary
     with pytest.raises(ValueError, match="auxiliary_labels"):
         build(
             "shadow",
-            manifest=manifest.load(tiny_model_dir),
+            manifest=manifest.load(shipped_model_dir),
             split="stem",
             auxiliary=images,
             auxiliary_labels=labels[:-1],
         )
 
 
+@pytest.mark.slow
 def test_datafree_that_knows_the_noise_beats_datafree_that_does_not(model_dir_with_batch_norm, victim):
     m = manifest.load(model_dir_with_batch_norm)
     knobs = dict(manifest=m, split="stem", synthetic_images=64, synthesis_steps=100, epochs=30, width=32)

@@ -15,15 +15,15 @@ from splitleak.protos import inference_pb2_grpc as pb_grpc
 
 
 @pytest.fixture
-def stub(cloud):
-    with transport.channel(f"127.0.0.1:{cloud}") as channel:
+def stub(shipped_cloud):
+    with transport.channel(f"127.0.0.1:{shipped_cloud}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest.fixture
-def model(tiny_model_dir):
-    m = manifest.load(tiny_model_dir)
+def model(shipped_model_dir):
+    m = manifest.load(shipped_model_dir)
     return m.served_name("layer2"), m.split("layer2").activation_shape  # (32, 16, 16)
 
 
@@ -100,7 +100,7 @@ def test_errors_on_a_stream_are_answered_in_band_and_the_stream_goes_on(stub, mo
     assert responses[1].error_message == "" and responses[1].infer_response.id == "2"
 
 
-def test_metadata_index_and_health_describe_what_is_served(stub, model, cloud):
+def test_metadata_index_and_health_describe_what_is_served(stub, model, shipped_cloud):
     name, shape = model
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=10)
     assert list(meta.inputs[0].shape) == [-1, *shape] and meta.inputs[0].datatype == "FP32"
@@ -112,19 +112,19 @@ def test_metadata_index_and_health_describe_what_is_served(stub, model, cloud):
     assert stub.ModelReady(pb.ModelReadyRequest(name=name)).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
     assert "streaming" in stub.ServerMetadata(pb.ServerMetadataRequest()).extensions
-    with transport.channel(f"127.0.0.1:{cloud}") as channel:
+    with transport.channel(f"127.0.0.1:{shipped_cloud}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         status = health.Check(health_pb2.HealthCheckRequest(service=transport.SERVICE_NAME), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_the_cloud_finishes_in_flight_work_on_sigterm(tiny_model_dir):
+def test_the_cloud_finishes_in_flight_work_on_sigterm(shipped_model_dir):
     import time
 
     from splitleak.core.process import start_cloud
 
-    m = manifest.load(tiny_model_dir)
-    proc, port = start_cloud([tiny_model_dir])
+    m = manifest.load(shipped_model_dir)
+    proc, port = start_cloud([shipped_model_dir])
     with transport.channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         grpc.channel_ready_future(channel).result(timeout=30)

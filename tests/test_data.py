@@ -64,6 +64,7 @@ def test_resize_crops_to_a_square_and_converts_channels():
     assert out.shape == (2, 16, 16, 1) and (out == 200).all()
 
 
+@pytest.mark.slow
 def test_train_and_export_from_the_command_line_on_greyscale_digits(tmp_path):
     run = [sys.executable, "-m", "splitleak.cli"]
     trained = subprocess.run(

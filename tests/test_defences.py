@@ -155,6 +155,7 @@ def test_topk_sends_k_channels_and_restore_puts_them_back_in_place():
     np.testing.assert_allclose(restored, expected, atol=float(scale.max()))
 
 
+@pytest.mark.slow
 def test_export_calibrates_every_split_and_the_ranking_finds_the_channels_that_matter(tiny_model_dir):
     m = manifest.load(tiny_model_dir)
     for split in m.splits.values():
@@ -176,8 +177,8 @@ def test_export_calibrates_every_split_and_the_ranking_finds_the_channels_that_m
     assert agreement(list(split.channel_ranking[:half])) > agreement(list(split.channel_ranking[half:]))
 
 
-def test_an_old_manifest_refuses_only_the_defences_that_need_calibration(tiny_model_dir, tmp_path, capsys):
-    old = Path(shutil.copytree(tiny_model_dir, tmp_path / "old"))
+def test_an_old_manifest_refuses_only_the_defences_that_need_calibration(shipped_model_dir, tmp_path, capsys):
+    old = Path(shutil.copytree(shipped_model_dir, tmp_path / "old"))
     doc = json.loads((old / "manifest.json").read_text())
     doc.pop("calibration")
     for s in doc["splits"].values():
@@ -209,6 +210,7 @@ END_TO_END = [
 ]
 
 
+@pytest.mark.slow
 def test_every_defence_runs_end_to_end_keeping_predictions_and_shrinking_bytes(cloud, tiny_model_dir, tmp_path):
     device = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{cloud}"]
     common = ["--model-dir", str(tiny_model_dir), "--dataset", "cifar10", "--limit", "100", "--split", "layer1"]
@@ -255,14 +257,14 @@ def test_every_defence_runs_end_to_end_keeping_predictions_and_shrinking_bytes(c
 
 
 @pytest.fixture
-def stub(cloud):
-    with transport.channel(f"127.0.0.1:{cloud}") as channel:
+def stub(shipped_cloud):
+    with transport.channel(f"127.0.0.1:{shipped_cloud}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def test_the_cloud_restores_quantised_and_pruned_activations_and_refuses_malformed_ones(stub, tiny_model_dir):
-    m = manifest.load(tiny_model_dir)
+def test_the_cloud_restores_quantised_and_pruned_activations_and_refuses_malformed_ones(stub, shipped_model_dir):
+    m = manifest.load(shipped_model_dir)
     split = m.split("layer2")  # (32, 16, 16)
     name, shape = m.served_name("layer2"), split.activation_shape
     activation = np.random.default_rng(3).uniform(0, 2, size=(2, *shape)).astype(np.float32)

@@ -46,6 +46,7 @@ def next_json(lines: queue.Queue, where, timeout_s: float = 60.0) -> dict:
             return event
 
 
+@pytest.mark.slow
 def test_a_looping_device_takes_split_link_and_defence_changes_between_frames_and_stops_when_its_control_ends(
     cloud, tiny_model_dir
 ):
@@ -88,6 +89,7 @@ def test_a_looping_device_takes_split_link_and_defence_changes_between_frames_an
         device.wait()
 
 
+@pytest.mark.slow
 def test_the_proxy_feeds_a_live_consumer_exactly_what_it_captures(cloud, tiny_model_dir, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         address = f"127.0.0.1:{listener.getsockname()[1]}"
@@ -118,6 +120,7 @@ def test_the_proxy_refuses_to_start_with_nowhere_to_put_its_captures():
     assert result.returncode == 2 and "--capture DIR, --feed HOST:PORT, or both" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_exported_decoder_inverts_as_the_trained_one_and_says_how_to_make_it_again(attacked_model_dir):
     m = manifest.load(attacked_model_dir)
     attacks = live.load_attacks(m)
@@ -138,6 +141,7 @@ def test_an_exported_decoder_inverts_as_the_trained_one_and_says_how_to_make_it_
     np.testing.assert_allclose(reconstructions, trained.invert(activations), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_exported_decoder_for_another_head_is_refused_with_the_command_that_retrains_it(
     attacked_model_dir, tmp_path
 ):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from splitleak.core import data, manifest
@@ -27,6 +28,7 @@ def run_device(port: int, model_dir: Path, *args: str, env=None) -> subprocess.C
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_device_and_cloud_processes_agree_with_the_full_pytorch_model(cloud, tiny_model_dir, tiny_checkpoint, tmp_path):
     out = tmp_path / "frames.json"
     done = run_device(
@@ -49,12 +51,12 @@ def test_device_and_cloud_processes_agree_with_the_full_pytorch_model(cloud, tin
     assert "accuracy:" in done.stdout and "uplink" in done.stdout and "bytes per frame" in done.stdout
 
 
-def test_every_stage_is_timed_and_the_link_model_adds_its_delay(cloud, tiny_model_dir, tmp_path):
+def test_every_stage_is_timed_and_the_link_model_adds_its_delay(shipped_cloud, shipped_model_dir, tmp_path):
     out = tmp_path / "frames.json"
     # 8 Mbit/s is a byte per microsecond: a 64 KiB stem activation takes ~66 ms, plus 20 ms of half round trip.
     done = run_device(
-        cloud,
-        tiny_model_dir,
+        shipped_cloud,
+        shipped_model_dir,
         "--dataset",
         "embedded",
         "--limit",
@@ -81,12 +83,12 @@ def test_every_stage_is_timed_and_the_link_model_adds_its_delay(cloud, tiny_mode
         assert stages <= frame["total_ms"] < stages + 25
 
 
-def test_the_device_process_never_imports_torch(cloud, tiny_model_dir, tmp_path):
+def test_the_device_process_never_imports_torch(shipped_cloud, shipped_model_dir, tmp_path):
     # Make `import torch` fail in the device process: a phone has ONNX Runtime, not PyTorch.
     script = tmp_path / "device_without_torch.py"
     script.write_text(
         "import sys\nsys.modules['torch'] = None\nfrom splitleak.cli import main\n"
-        f"code = main(['device', '--cloud', '127.0.0.1:{cloud}', '--model-dir', {str(tiny_model_dir)!r},"
+        f"code = main(['device', '--cloud', '127.0.0.1:{shipped_cloud}', '--model-dir', {str(shipped_model_dir)!r},"
         " '--dataset', 'embedded', '--limit', '10'])\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
         "sys.exit(code)\n"
@@ -96,13 +98,13 @@ def test_the_device_process_never_imports_torch(cloud, tiny_model_dir, tmp_path)
     assert "frames: 10 (0 errors)" in done.stdout
 
 
-def test_the_device_says_clearly_when_the_cloud_is_not_there(tiny_model_dir):
+def test_the_device_says_clearly_when_the_cloud_is_not_there(shipped_model_dir):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = run_device(port, tiny_model_dir, "--dataset", "embedded", "--limit", "2")
+    done = run_device(port, shipped_model_dir, "--dataset", "embedded", "--limit", "2")
     assert done.returncode == 1
     assert f"cannot reach the cloud at 127.0.0.1:{port}" in done.stderr
 
@@ -120,6 +122,7 @@ def test_splitleak_run_starts_both_processes_on_the_shipped_model():
     assert "frames: 20 (0 errors)" in done.stdout and "total" in done.stdout
 
 
+@pytest.mark.slow
 def test_two_devices_stream_to_one_cloud_at_the_same_time(cloud, tiny_model_dir, tmp_path):
     cmd = [
         sys.executable,

@@ -39,6 +39,7 @@ def head_on_originals(head: Head, got: capture.Capture, frame_ids: np.ndarray) -
     return np.concatenate([head.run(x[i : i + 1]) for i in range(len(x))])
 
 
+@pytest.mark.slow
 def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_holds_every_activation(
     cloud, tiny_model_dir, tmp_path
 ):
@@ -72,18 +73,20 @@ def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_h
     }
 
 
-def test_errors_pass_through_the_proxy_unchanged(cloud, tmp_path):
+def test_errors_pass_through_the_proxy_unchanged(shipped_cloud, tmp_path):
     good = np.zeros((1, 16, 32, 32), np.float32)
     requests = [
         codec.encode_request("no-such-model", {"activation": good}),  # NOT_FOUND
         codec.encode_request("resnet20-cifar10.layer1", {"activation": good[:, :8]}),  # INVALID_ARGUMENT
         codec.encode_request("resnet20-cifar10.layer1", {"activation": good}, request_id="7"),  # OK
     ]
-    sink = capture.CaptureSink(capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=f"127.0.0.1:{cloud}"))
-    tap = proxy.Proxy(f"127.0.0.1:{cloud}", sink)
+    sink = capture.CaptureSink(
+        capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=f"127.0.0.1:{shipped_cloud}")
+    )
+    tap = proxy.Proxy(f"127.0.0.1:{shipped_cloud}", sink)
     answers = {}
     try:
-        for name, port in (("direct", cloud), ("proxied", tap.start())):
+        for name, port in (("direct", shipped_cloud), ("proxied", tap.start())):
             with transport.channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 answers[name] = {
@@ -167,6 +170,7 @@ def facts(record: capture.CapturedRequest) -> tuple:
     return record.model_name, record.split_point, record.frame_id
 
 
+@pytest.mark.slow
 def test_the_curious_cloud_records_what_the_proxy_captures_in_the_same_format(tiny_model_dir, tmp_path):
     cloud_proc, cloud_port = start_cloud([tiny_model_dir], ["--record", str(tmp_path / "cloud"), "--dataset", DATASET])
     try:

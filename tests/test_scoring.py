@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,6 +71,7 @@ def test_identical_images_score_infinite_psnr_and_ssim_one_whether_uint8_or_floa
     np.testing.assert_allclose(scoring.ssim(images, images.astype(np.float32) / 255), 1.0)
 
 
+@pytest.mark.slow
 def test_label_leakage_of_the_originals_is_total_and_the_accuracy_is_the_models(tiny_checkpoint, tiny_model_dir):
     test = data.load("cifar10", "test")
     indices = np.random.default_rng(0).permutation(len(test))[:200]

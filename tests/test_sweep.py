@@ -37,6 +37,7 @@ def swept(tiny_model_dir, tmp_path_factory):
     return out, json.loads((out / "sweep.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_row_per_configuration_and_link_in_csv_and_json(swept):
     out, table = swept
     with open(out / "sweep.csv") as f:
@@ -61,6 +62,7 @@ def by(table, **match) -> dict:
     return row
 
 
+@pytest.mark.slow
 def test_the_link_adds_the_link_models_delay_for_the_bytes_measured(swept):
     _, table = swept
     for row in table:
@@ -75,6 +77,7 @@ def test_the_link_adds_the_link_models_delay_for_the_bytes_measured(swept):
     assert slow["total_ms_median"] > fast["total_ms_median"] + 50
 
 
+@pytest.mark.slow
 def test_quantising_shrinks_the_bytes_and_keeps_the_accuracy(swept):
     _, table = swept
     plain = by(table, split="layer1", defence="none", link="wifi")
@@ -83,6 +86,7 @@ def test_quantising_shrinks_the_bytes_and_keeps_the_accuracy(swept):
     assert abs(four_bits["accuracy_drop"]) <= 10  # 40 frames: a few may change
 
 
+@pytest.mark.slow
 def test_undefended_decoder_leaks_more_at_the_first_split_than_the_last(swept):
     _, table = swept
     first = by(table, split="layer1", defence="none", link="wifi")
@@ -91,6 +95,7 @@ def test_undefended_decoder_leaks_more_at_the_first_split_than_the_last(swept):
     assert first["accuracy_drop"] == 0
 
 
+@pytest.mark.slow
 def test_plots_are_written_as_png_and_svg(swept):
     out, _ = swept
     for name in ("latency", "leakage", "tradeoff"):
@@ -98,6 +103,7 @@ def test_plots_are_written_as_png_and_svg(swept):
             assert (out / f"{name}.{suffix}").stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_a_warm_rerun_runs_nothing(swept, tiny_model_dir, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a warm re-run started a device")
@@ -107,6 +113,7 @@ def test_a_warm_rerun_runs_nothing(swept, tiny_model_dir, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "sweep.json").read_text()) == swept[1]
 
 
+@pytest.mark.slow
 def test_recommend_picks_the_fastest_configuration_within_the_bounds(swept, capsys):
     out, table = swept
     result = recommend.recommend(table, link_name="3g", max_ssim=0.9, max_drop=100.0)
@@ -125,6 +132,7 @@ def test_recommend_picks_the_fastest_configuration_within_the_bounds(swept, caps
     assert "No configuration meets the bounds" in printed and "recovers SSIM" in printed
 
 
+@pytest.mark.slow
 def test_recommend_says_what_the_sweep_lacks(swept, capsys, tmp_path):
     out, _ = swept
     assert cli.main(["recommend", "--sweep", str(out), "--link", "5g"]) == 2
@@ -133,12 +141,12 @@ def test_recommend_says_what_the_sweep_lacks(swept, capsys, tmp_path):
     assert "run `splitleak sweep" in capsys.readouterr().err
 
 
-def test_bad_sweep_options_get_a_clear_error(tiny_model_dir, capsys):
-    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--defence", "gaussian"]) == 2
+def test_bad_sweep_options_get_a_clear_error(shipped_model_dir, capsys):
+    assert cli.main(["sweep", "--model-dir", str(shipped_model_dir), "--defence", "gaussian"]) == 2
     assert "gaussian needs strengths" in capsys.readouterr().err
-    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--knob", "decoder.nope=1"]) == 2
+    assert cli.main(["sweep", "--model-dir", str(shipped_model_dir), "--knob", "decoder.nope=1"]) == 2
     assert "decoder has no knob 'nope'" in capsys.readouterr().err
-    assert cli.main(["sweep", "--model-dir", str(tiny_model_dir), "--split", "nope"]) == 1
+    assert cli.main(["sweep", "--model-dir", str(shipped_model_dir), "--split", "nope"]) == 1
     assert "has no split point 'nope'; it has stem, layer1, layer2, layer3" in capsys.readouterr().err
 
 
@@ -147,6 +155,7 @@ def test_pareto_front_keeps_only_the_undominated_points():
     assert plots.pareto_front(points) == [4, 1, 0]
 
 
+@pytest.mark.slow
 def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_model_dir):
     from splitleak.attacker import scoring
     from splitleak.attacker.attacks import build
@@ -165,6 +174,7 @@ def test_the_adaptive_decoder_beats_the_plain_one_on_noised_activations(tiny_mod
     assert scoring.psnr(victims, adaptive).mean() > scoring.psnr(victims, plain).mean() + 0.5
 
 
+@pytest.mark.slow
 def test_rmle_that_knows_the_dropout_beats_rmle_that_does_not(tiny_model_dir):
     from splitleak.attacker import scoring
     from splitleak.attacker.attacks import build

@@ -104,6 +104,7 @@ def test_images(tiny_checkpoint) -> torch.Tensor:
     return train.to_tensor(test.images[pick], np.asarray(inp["mean"], np.float32), np.asarray(inp["std"], np.float32))
 
 
+@pytest.mark.slow
 def test_nopeek_lowers_distance_correlation_against_the_undefended_model_trained_the_same_way(
     nopeek_checkpoint, undefended_checkpoint, test_images
 ):
@@ -137,6 +138,7 @@ def fresh_decoder_mse(checkpoint: dict, test_images: torch.Tensor, epochs: int =
         return F.mse_loss(decoder.eval()(test_activation), test_images * std + mean).item()
 
 
+@pytest.mark.slow
 def test_adversarial_training_raises_a_fresh_decoders_reconstruction_error(tiny_checkpoint, test_images):
     # Four epochs each on the sample's 1,000 images (as many steps as two on 2,000): 1.27x with two torch threads.
     # With two on 2,000, the effect had been 1.35x with one torch thread and 1.12x with two.
@@ -149,6 +151,7 @@ def test_adversarial_training_raises_a_fresh_decoders_reconstruction_error(tiny_
     assert defended["test_accuracy"] > 0.2
 
 
+@pytest.mark.slow
 def test_an_exported_variant_carries_its_training_defence_and_loads(nopeek_checkpoint, tiny_model_dir):
     out = Path(nopeek_checkpoint["path"]).parent.parent / "models" / "resnet20-cifar10-nopeek1.0-layer1"
     assert cli.main(["export", "--checkpoint", nopeek_checkpoint["path"], "--calibration-images", "16"]) == 0
