@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from splitleak.core import data, link, manifest, process
+from splitleak.core.records import FrameRecord
 from splitleak.study.rows import LATENCY_STAGES
 
 DEFAULT_DEFENCES = ("gaussian:0.5,1,2", "dropout:0.3,0.6,0.9", "quantise:8,4,2", "topk:0.25,0.5,0.75")
@@ -180,7 +181,7 @@ def cache_path(config: Config, settings: Settings, what: str) -> Path:
 # One configuration: the real run, then the attacks on what the cloud recorded.
 
 
-def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict, Path]:
+def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[FrameRecord], Path]:
     """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
     capture_dir, out = workdir / "capture", workdir / "device.json"
     with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
@@ -205,26 +206,27 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict,
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
         process.stop(cloud)
-    return json.loads(out.read_text())["frames"], capture_dir
+    return [FrameRecord.from_json(frame) for frame in json.loads(out.read_text())["frames"]], capture_dir
 
 
-def measurement(records: list[dict]) -> dict:
+def measurement(records: list[FrameRecord]) -> dict:
     """Per-frame arrays of what a run measured: the stages, the bytes, whether the cloud's prediction was right."""
-    if any(r["error"] for r in records):
-        raise RuntimeError(f"the cloud refused frames: {next(r['error'] for r in records if r['error'])}")
-    device = [r["preprocess_ms"] + r["head_ms"] + r["defence_ms"] + r["encode_ms"] for r in records]
+    refused = [r.error for r in records if r.error]
+    if refused:
+        raise RuntimeError(f"the cloud refused frames: {refused[0]}")
+    device = [r.preprocess_ms + r.head_ms + r.defence_ms + r.encode_ms for r in records]
     return {
-        "frame": [r["frame"] for r in records],
-        "correct": [bool(r["prediction"] == r["label"]) for r in records],
-        "prediction": [r["prediction"] for r in records],
-        "bytes_up": [r["bytes_up"] for r in records],
-        "bytes_down": [r["bytes_down"] for r in records],
+        "frame": [r.frame for r in records],
+        "correct": [bool(r.prediction == r.label) for r in records],
+        "prediction": [r.prediction for r in records],
+        "bytes_up": [r.bytes_up for r in records],
+        "bytes_down": [r.bytes_down for r in records],
         "device_ms": device,
-        "cloud_ms": [r["cloud_ms"] for r in records],
+        "cloud_ms": [r.cloud_ms for r in records],
         # What loopback adds beyond compute: serialisation, gRPC and the kernel's loopback, both ways.
-        "transport_ms": [r["total_ms"] - d - r["cloud_ms"] for r, d in zip(records, device, strict=True)],
-        "loopback_uplink_ms": [r["uplink_ms"] for r in records],
-        "loopback_downlink_ms": [r["downlink_ms"] for r in records],
+        "transport_ms": [r.total_ms - d - r.cloud_ms for r, d in zip(records, device, strict=True)],
+        "loopback_uplink_ms": [r.uplink_ms for r in records],
+        "loopback_downlink_ms": [r.downlink_ms for r in records],
     }
 
 
