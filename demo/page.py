@@ -12,6 +12,7 @@ import numpy as np
 
 from splitleak.attacker import live
 from splitleak.core import data, defences, link
+from splitleak.core.facts import RECOGNISABLE_SSIM
 from splitleak.core.manifest import Manifest
 from splitleak.core.records import STAGES, FrameRecord
 
@@ -75,6 +76,7 @@ def config(
             for name, by_split in attacks.items()
         },
         "stages": [stage for stage in STAGES if stage != "total"],
+        "recognisable_ssim": RECOGNISABLE_SSIM,
         "people": None if gallery is None else people(gallery),
         "identity_note": identity_note,
         "start": start,
