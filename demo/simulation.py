@@ -29,6 +29,7 @@ import numpy as np
 from splitleak.attacker import feed, live, proxy
 from splitleak.core import data, defences, link, manifest, process
 from splitleak.core.facts import IDENTITY_DATASETS
+from splitleak.core.records import FrameRecord
 from splitleak.demo import page
 
 ROLES = ("cloud", "proxy", "device")
@@ -94,7 +95,7 @@ class Simulation:
         self.points: collections.deque[dict] = collections.deque()  # for the plots, oldest first
         self.point_seq = 0
         self.counts = collections.Counter()
-        self._records: collections.OrderedDict[int, dict] = collections.OrderedDict()  # by device_send_ns
+        self._records: collections.OrderedDict[int, FrameRecord] = collections.OrderedDict()  # by device_send_ns
         self._recent: collections.deque[float] = collections.deque()  # when the last frames ended, for the rate
         self._heat_channels: dict[str, np.ndarray] = {}
         self._waiting: tuple[dict, float] | None = None  # a frame waiting for its record, since when
@@ -302,22 +303,22 @@ class Simulation:
                     self.version += 1
                 continue
             with self._lock:
-                self._on_record(event)
+                self._on_record(FrameRecord.from_json(event))
 
-    def _on_record(self, record: dict) -> None:
+    def _on_record(self, record: FrameRecord) -> None:
         self.counts["frames"] += 1
-        send_ns = record["device_send_ns"]
+        send_ns = record.device_send_ns
         self._records[send_ns] = record
         while len(self._records) > 256:
             self._records.popitem(last=False)
         if self._waiting is not None and self._waiting[0]["device_send_ns"] == send_ns:
             self._show(page.join(self._waiting[0], record, self.manifest.classes))
             self._waiting = None
-        if record.get("error") is not None:
-            self.notice = f"the cloud refused a frame: {record['error']}"
+        if record.error is not None:
+            self.notice = f"the cloud refused a frame: {record.error}"
             return
-        self._recent.append(record["end_ns"] / 1e9)
-        self._point({"t": self._t(send_ns), "split": record["split"], "latency": record["total_ms"]})
+        self._recent.append(record.end_ns / 1e9)
+        self._point({"t": self._t(send_ns), "split": record.split, "latency": record.total_ms})
 
     def _read_device_errors(self) -> None:
         for line in self.processes["device"].stderr:

@@ -12,7 +12,7 @@ it leaves the device, and its name and strength travel in every request: the clo
 what was applied, as an adaptive attacker would know it.
 
 Driven from outside (as `splitleak demo` drives it): `--loop` sends the frames again and again, `--max-rate` paces
-them like a camera, `--control -` takes split, link and defence changes between frames (see Control), and
+them like a camera, `--control -` takes split, link and defence changes between frames (splitleak.device.control), and
 `--records -` writes each frame's record as a JSON line the moment its answer is back.
 
 Stage times: preprocess, head, defence and encode are timed on the device; uplink is from the device handing the request
@@ -25,46 +25,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 from splitleak.core import codec, data, defences, link, manifest, metrics, transport
+from splitleak.core.records import FrameRecord
+from splitleak.device.control import Control
+from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
 
 class DeviceError(RuntimeError):
     """The device cannot go on: the message says why, for the user."""
-
-
-class Head:
-    """The first half of the model, as the app ships it: an ONNX file and its manifest."""
-
-    def __init__(
-        self, model_dir: str | Path = manifest.DEFAULT_MODEL_DIR, split: str | None = None, threads: int = 1
-    ) -> None:
-        self.manifest = manifest.load(model_dir)
-        self.split = self.manifest.split(split)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.split.head), options, providers=["CPUExecutionProvider"])
-
-    @property
-    def served_name(self) -> str:
-        return self.manifest.served_name(self.split.name)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Normalised float32 (B, C, H, W) -> activation (B, *activation_shape)."""
-        return self.session.run(["activation"], {"image": x})[0]
 
 
 def load_frames(
@@ -105,69 +86,149 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-class Control:
-    """Settings a running device takes from outside, between frames (`--control`).
+class Pacer:
+    """When each frame may leave: with `rate` > 0, at that many a second whether or not the answers are back (open
+    loop); otherwise once the last frame's answer is back (closed loop), and at most `max_rate` a second (if > 0),
+    as a camera delivers frames."""
 
-    One JSON object a line, with any of `split`, `link` (a profile name), `defence` and `strength`, e.g.
-    {"split": "layer2"} or {"defence": "gaussian", "strength": 0.5}. A line is applied whole before the next frame,
-    or not at all, and `report` hears which: {"control": the line, "error": null or why}. A strength alone keeps the
-    defence; a defence alone takes its default strength. When the lines end (the controller has gone), the device
-    stops as if interrupted.
-    """
+    def __init__(self, rate: float = 0.0, max_rate: float = 0.0) -> None:
+        self.rate, self.max_rate = rate, max_rate
+        self._answered = threading.Semaphore(1)
+        self._start: float | None = None
+        self._next = 0.0
 
-    SETTINGS = ("split", "link", "defence", "strength")
+    def wait(self, i: int) -> None:
+        """Block until frame `i` (counted from 0) may leave."""
+        if self.rate > 0:
+            self._start = self._start if self._start is not None else time.time()
+            _sleep_until(self._start + i / self.rate)
+            return
+        self._answered.acquire()
+        _sleep_until(self._next)
+        self._next = time.time() + 1 / self.max_rate if self.max_rate > 0 else 0.0
+
+    def answered(self) -> None:
+        """A frame's answer is back: in the closed loop, the next frame may go."""
+        self._answered.release()
+
+
+def prepare(
+    head: Head,
+    defence: defences.Defence,
+    rng: np.random.Generator,
+    request_id: str,
+    frame: int,
+    image: np.ndarray,
+    label: int,
+    link_name: str,
+) -> tuple[pb.ModelInferRequest, FrameRecord]:
+    """One frame through preprocess, head, defence and encode, each timed: the request and the frame's record."""
+    start_ns = time.time_ns()
+    t0 = time.perf_counter()
+    x = head.manifest.preprocess(image[None])
+    t1 = time.perf_counter()
+    activation = head.run(x)
+    t2 = time.perf_counter()
+    tensors, form = defence.apply(activation, rng)
+    t3 = time.perf_counter()
+    parameters = {"split_point": head.split.name, "frame_id": frame, "defence": defence.name}
+    parameters |= {"defence_strength": defence.strength, **form}
+    request = codec.encode_request(head.served_name, tensors, request_id=request_id, parameters=parameters)
+    send_ns = time.time_ns()
+    codec.set_parameters(request.parameters, {"device_send_ns": send_ns})
+    t4 = time.perf_counter()
+    record = FrameRecord(
+        frame=frame,
+        label=label,
+        split=head.split.name,
+        link=link_name,
+        defence=defence.name,
+        strength=defence.strength,
+        start_ns=start_ns,
+        preprocess_ms=(t1 - t0) * 1e3,
+        head_ms=(t2 - t1) * 1e3,
+        defence_ms=(t3 - t2) * 1e3,
+        encode_ms=(t4 - t3) * 1e3,
+        bytes_up=request.ByteSize(),
+        device_send_ns=send_ns,
+    )
+    return request, record
+
+
+def complete(record: FrameRecord, response: pb.ModelStreamInferResponse, downlink: link.Link) -> FrameRecord:
+    """The frame's record with the cloud's answer, once the answer has crossed the downlink; or with its error."""
+    if response.error_message:
+        return replace(record, error=response.error_message)
+    params = codec.get_parameters(response.infer_response.parameters)
+    _sleep_until(downlink.arrival(response.ByteSize(), params["cloud_send_ns"] / 1e9))
+    end_ns = time.time_ns()
+    logits = codec.decode_response(response.infer_response)["logits"]
+    return replace(
+        record,
+        prediction=int(logits[0].argmax()),
+        bytes_down=response.ByteSize(),
+        end_ns=end_ns,
+        uplink_ms=(params["cloud_recv_ns"] - record.device_send_ns) / 1e6,
+        cloud_ms=params["cloud_compute_ms"],
+        downlink_ms=(end_ns - params["cloud_send_ns"]) / 1e6,
+        total_ms=(end_ns - record.start_ns) / 1e6,
+    )
+
+
+class Sender:
+    """The sending side, on a thread of its own: paces the frames, applies control changes between them, prepares
+    each, and hands gRPC the requests (`requests`) as the uplink delivers them. `sent` holds each frame's record, by
+    request id, until its answer comes."""
 
     def __init__(
-        self, head: Head, defence: defences.Defence, profile: link.LinkProfile, *, threads: int = 1, report=None
+        self,
+        head: Head,
+        defence: defences.Defence,
+        control: Control | None,
+        uplink: link.Link,
+        downlink: link.Link,
+        seed: int,
     ) -> None:
-        self.head, self.defence, self.profile = head, defence, profile
-        self.threads = threads
-        self.report = report or (lambda event: None)
-        self._heads = {head.split.name: head}  # a split's session is built once, when it is first asked for
-        self._lines: queue.Queue[str] = queue.Queue()
+        self.head, self.defence, self.control = head, defence, control
+        self.uplink, self.downlink = uplink, downlink
+        self.rng = np.random.default_rng(seed)  # the defence's randomness, reproducible per run
+        self.sent: dict[str, FrameRecord] = {}
+        self._outbox: queue.Queue[tuple[float, pb.ModelInferRequest] | None] = queue.Queue()
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
-    def listen(self, lines) -> None:
-        """Take changes from `lines` (such as sys.stdin) on a thread of their own. Call from the main thread."""
-        # The end of the lines is delivered as SIGINT; a parent that ignores SIGINT (a demo or test harness that
-        # shields itself from Ctrl-C) would pass that on to us, and the device would never stop.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def start(self, frames: Iterable[tuple[int, np.ndarray, int]], pacer: Pacer) -> None:
+        self._thread = threading.Thread(target=self._send, args=(frames, pacer), name="device-producer", daemon=True)
+        self._thread.start()
 
-        def read() -> None:
-            for line in lines:
-                if line.strip():
-                    self._lines.put(line)
-            # A real SIGINT, not _thread.interrupt_main(): only a signal wakes a main thread blocked in a lock.
-            os.kill(os.getpid(), signal.SIGINT)
+    def _send(self, frames: Iterable[tuple[int, np.ndarray, int]], pacer: Pacer) -> None:
+        try:
+            for i, (index, image, label) in enumerate(frames):
+                pacer.wait(i)
+                if self.control is not None:
+                    self.head, self.defence = self.control.apply(self.uplink, self.downlink)
+                request, record = prepare(
+                    self.head, self.defence, self.rng, str(i), int(index), image, int(label), self.uplink.profile.name
+                )
+                self.sent[str(i)] = record
+                self._outbox.put((self.uplink.arrival(record.bytes_up, record.device_send_ns / 1e9), request))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by join()
+            self._failure = e
+        finally:
+            self._outbox.put(None)
 
-        threading.Thread(target=read, name="device-control", daemon=True).start()
+    def requests(self) -> Iterator[pb.ModelInferRequest]:
+        """The requests as they come out of the uplink, until the frames run out."""
+        while (item := self._outbox.get()) is not None:
+            arrival, request = item
+            _sleep_until(arrival)
+            yield request
 
-    def apply(self, uplink: link.Link, downlink: link.Link) -> tuple[Head, defences.Defence]:
-        """Apply what arrived since the last frame; returns the head and the defence for the next one."""
-        while not self._lines.empty():
-            line = self._lines.get()
-            try:
-                change = json.loads(line)
-                self._change(change)
-            except (ValueError, KeyError, TypeError) as e:
-                self.report({"control": line.strip(), "error": e.args[0] if isinstance(e, KeyError) else str(e)})
-            else:
-                self.report({"control": change, "error": None})
-        uplink.profile = downlink.profile = self.profile
-        return self.head, self.defence
-
-    def _change(self, change: dict) -> None:
-        if not isinstance(change, dict) or not change or set(change) - set(self.SETTINGS):
-            raise KeyError(f"expected a JSON object with any of {', '.join(self.SETTINGS)}; got {change!r}")
-        head = self.head
-        if "split" in change:
-            name = str(change["split"])
-            head = self._heads.get(name) or Head(self.head.manifest.root, name, self.threads)
-        profile = link.profile(change["link"]) if "link" in change else self.profile
-        name = change.get("defence", self.defence.name)
-        strength = change.get("strength", None if "defence" in change else self.defence.strength)
-        defence = defences.build(name, strength=strength, split=head.split)
-        self._heads[head.split.name] = head
-        self.head, self.profile, self.defence = head, profile, defence
+    def join(self) -> None:
+        """Wait for the sending thread to end; raise what stopped it, if anything did."""
+        self._thread.join(timeout=5)
+        if self._failure is not None:
+            raise self._failure
 
 
 def stream(
@@ -183,113 +244,25 @@ def stream(
     defence: defences.Defence | None = None,
     control: Control | None = None,
     seed: int = 0,
-    on_record=None,
-) -> list[dict]:
-    """Stream the frames through the head, the defence (none by default) and the cloud; one record per frame.
+    on_record: Callable[[FrameRecord], None] | None = None,
+) -> list[FrameRecord]:
+    """Stream the frames through the head, the defence (none by default) and the cloud; one record per frame,
+    handed to `on_record` the moment its answer is back.
 
     With `rate` 0, `max_rate` caps the frames a second. `control` may switch head, link and defence between frames."""
-    defence = defence or defences.build("none", split=head.split)
-    rng = np.random.default_rng(seed)  # the defence's randomness, reproducible per run
+    pacer = Pacer(rate, max_rate)
     uplink, downlink = link.Link(link_profile, seed), link.Link(link_profile, seed + 1)
-    records: dict[str, dict] = {}
-    outbox: queue.Queue = queue.Queue()
-    answered = threading.Semaphore(1)  # closed loop: the next frame waits for the last answer
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        nonlocal head, defence
-        try:
-            start = time.time()
-            next_frame = 0.0
-            for i, (index, image, label) in enumerate(zip(indices, images, labels, strict=True)):
-                if rate > 0:
-                    _sleep_until(start + i / rate)
-                else:
-                    answered.acquire()
-                    _sleep_until(next_frame)  # --max-rate: a camera delivers so many frames a second, no more
-                    next_frame = time.time() + 1 / max_rate if max_rate > 0 else 0.0
-                if control is not None:
-                    head, defence = control.apply(uplink, downlink)
-                record = {
-                    "frame": int(index),
-                    "label": int(label),
-                    "split": head.split.name,
-                    "link": uplink.profile.name,
-                    "defence": defence.name,
-                    "strength": defence.strength,
-                    "start_ns": time.time_ns(),
-                    "error": None,
-                }
-                t0 = time.perf_counter()
-                x = head.manifest.preprocess(image[None])
-                t1 = time.perf_counter()
-                activation = head.run(x)
-                t2 = time.perf_counter()
-                tensors, form = defence.apply(activation, rng)
-                t3 = time.perf_counter()
-                request = codec.encode_request(
-                    head.served_name,
-                    tensors,
-                    request_id=str(i),
-                    parameters={
-                        "split_point": head.split.name,
-                        "frame_id": int(index),
-                        "defence": defence.name,
-                        "defence_strength": defence.strength,
-                        **form,
-                    },
-                )
-                send_ns = time.time_ns()
-                codec.set_parameters(request.parameters, {"device_send_ns": send_ns})
-                t4 = time.perf_counter()
-                record.update(
-                    preprocess_ms=(t1 - t0) * 1e3,
-                    head_ms=(t2 - t1) * 1e3,
-                    defence_ms=(t3 - t2) * 1e3,
-                    encode_ms=(t4 - t3) * 1e3,
-                    bytes_up=request.ByteSize(),
-                    device_send_ns=send_ns,
-                )
-                records[str(i)] = record
-                outbox.put((uplink.arrival(record["bytes_up"], send_ns / 1e9), request))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
-            failure.append(e)
-        finally:
-            outbox.put(None)
-
-    def requests():
-        while (item := outbox.get()) is not None:
-            arrival, request = item
-            _sleep_until(arrival)
-            yield request
-
-    producer = threading.Thread(target=produce, name="device-producer", daemon=True)
-    producer.start()
-    done = []
-    responses = stub.ModelStreamInfer(requests())
+    sender = Sender(head, defence or defences.build("none", split=head.split), control, uplink, downlink, seed)
+    sender.start(zip(indices, images, labels, strict=True), pacer)
+    done: list[FrameRecord] = []
+    responses = stub.ModelStreamInfer(sender.requests())
     try:
         for response in responses:
-            record = records[response.infer_response.id]
-            if response.error_message:
-                record["error"] = response.error_message
-            else:
-                params = codec.get_parameters(response.infer_response.parameters)
-                _sleep_until(downlink.arrival(response.ByteSize(), params["cloud_send_ns"] / 1e9))
-                end_ns = time.time_ns()
-                logits = codec.decode_response(response.infer_response)["logits"]
-                record.update(
-                    prediction=int(logits[0].argmax()),
-                    bytes_down=response.ByteSize(),
-                    end_ns=end_ns,
-                    uplink_ms=(params["cloud_recv_ns"] - record["device_send_ns"]) / 1e6,
-                    cloud_ms=params["cloud_compute_ms"],
-                    downlink_ms=(end_ns - params["cloud_send_ns"]) / 1e6,
-                    total_ms=(end_ns - record["start_ns"]) / 1e6,
-                )
+            record = complete(sender.sent.pop(response.infer_response.id), response, downlink)
             done.append(record)
             if on_record is not None:
                 on_record(record)
-            answered.release()
+            pacer.answered()
             if len(done) == len(indices):
                 break
     except grpc.RpcError as e:
@@ -298,9 +271,7 @@ def stream(
         ) from e
     finally:
         responses.cancel()
-    producer.join(timeout=5)
-    if failure:
-        raise failure[0]
+    sender.join()
     if len(done) < len(indices):
         raise DeviceError(f"the cloud closed the stream after {len(done)} of {len(indices)} frames")
     return done
@@ -400,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
                     defence=defence,
                     control=control,
                     seed=args.seed,
-                    on_record=emit,
+                    on_record=None if emit is None else lambda record: emit(record.to_json()),
                 )
                 if not args.loop:
                     break
@@ -419,5 +390,6 @@ def main(args: argparse.Namespace) -> int:
             "rate": args.rate,
             "defence": {"name": defence.name, "strength": defence.strength},
         }
-        args.json.write_text(json.dumps({"config": config, "summary": summary, "frames": records}, indent=1))
+        frames = [record.to_json() for record in records]
+        args.json.write_text(json.dumps({"config": config, "summary": summary, "frames": frames}, indent=1))
     return 0

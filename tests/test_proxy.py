@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitleak.attacker import proxy
 from splitleak.core import capture, codec, transport
 from splitleak.core.process import start_cloud, stop
-from splitleak.device.client import Head
+from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

@@ -17,8 +17,8 @@ further on activations passed through the same defence; rMLE models the defence 
 A training-time defence (NoPeek, adversarial training) is a model variant (`--variant DIR`, exported with its
 `training_defence` in the manifest); its rows are the variant with no run-time defence, attacked the same way.
 
-Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), `sweep.md` (the same for
-people: one line per configuration, the links side by side), and the plots (PNG and SVG:
+Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link: splitleak.study.rows), `sweep.md`
+(the same for people: one line per configuration, the links side by side), and the plots (PNG and SVG:
 splitleak.study.plots). What a configuration measured or an attack scored is cached under the cache folder
 (`SPLITLEAK_CACHE`), keyed by the model's files and every setting that changes it, so a re-run only does what changed.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import functools
 import hashlib
 import inspect
@@ -42,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from splitleak.core import data, link, manifest, process
-from splitleak.study.rows import LATENCY_STAGES
+from splitleak.core.records import FrameRecord
+from splitleak.study.rows import LATENCY_STAGES, AttackScores, Latency, SweepRow, write_csv, write_json
 
 DEFAULT_DEFENCES = ("gaussian:0.5,1,2", "dropout:0.3,0.6,0.9", "quantise:8,4,2", "topk:0.25,0.5,0.75")
 DEFAULT_LINKS = ("wifi", "4g", "3g")
@@ -152,11 +152,6 @@ def configs(model_dir: Path, variants: list[Path], splits: list[str] | None, run
                 yield Config(variant, split)
 
 
-def training_defence(model_dir: Path) -> dict | None:
-    """The training-time defence a model variant was trained with (its manifest's `training_defence`), or None."""
-    return json.loads((model_dir / "manifest.json").read_text()).get("training_defence")
-
-
 # Caching: a key is a hash of everything that changes a result.
 
 
@@ -180,7 +175,7 @@ def cache_path(config: Config, settings: Settings, what: str) -> Path:
 # One configuration: the real run, then the attacks on what the cloud recorded.
 
 
-def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict, Path]:
+def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[FrameRecord], Path]:
     """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
     capture_dir, out = workdir / "capture", workdir / "device.json"
     with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
@@ -205,26 +200,27 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict,
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
         process.stop(cloud)
-    return json.loads(out.read_text())["frames"], capture_dir
+    return [FrameRecord.from_json(frame) for frame in json.loads(out.read_text())["frames"]], capture_dir
 
 
-def measurement(records: list[dict]) -> dict:
+def measurement(records: list[FrameRecord]) -> dict:
     """Per-frame arrays of what a run measured: the stages, the bytes, whether the cloud's prediction was right."""
-    if any(r["error"] for r in records):
-        raise RuntimeError(f"the cloud refused frames: {next(r['error'] for r in records if r['error'])}")
-    device = [r["preprocess_ms"] + r["head_ms"] + r["defence_ms"] + r["encode_ms"] for r in records]
+    refused = [r.error for r in records if r.error]
+    if refused:
+        raise RuntimeError(f"the cloud refused frames: {refused[0]}")
+    device = [r.preprocess_ms + r.head_ms + r.defence_ms + r.encode_ms for r in records]
     return {
-        "frame": [r["frame"] for r in records],
-        "correct": [bool(r["prediction"] == r["label"]) for r in records],
-        "prediction": [r["prediction"] for r in records],
-        "bytes_up": [r["bytes_up"] for r in records],
-        "bytes_down": [r["bytes_down"] for r in records],
+        "frame": [r.frame for r in records],
+        "correct": [bool(r.prediction == r.label) for r in records],
+        "prediction": [r.prediction for r in records],
+        "bytes_up": [r.bytes_up for r in records],
+        "bytes_down": [r.bytes_down for r in records],
         "device_ms": device,
-        "cloud_ms": [r["cloud_ms"] for r in records],
+        "cloud_ms": [r.cloud_ms for r in records],
         # What loopback adds beyond compute: serialisation, gRPC and the kernel's loopback, both ways.
-        "transport_ms": [r["total_ms"] - d - r["cloud_ms"] for r, d in zip(records, device, strict=True)],
-        "loopback_uplink_ms": [r["uplink_ms"] for r in records],
-        "loopback_downlink_ms": [r["downlink_ms"] for r in records],
+        "transport_ms": [r.total_ms - d - r.cloud_ms for r, d in zip(records, device, strict=True)],
+        "loopback_uplink_ms": [r.uplink_ms for r in records],
+        "loopback_downlink_ms": [r.downlink_ms for r in records],
     }
 
 
@@ -305,26 +301,33 @@ def link_delays_ms(profile: link.LinkProfile, nbytes: list[int], seed: int) -> n
     return np.array([(model.arrival(n, t) - t) * 1e3 for n, t in zip(nbytes, sent, strict=True)])
 
 
-def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[dict]:
+def latency(values: np.ndarray) -> Latency:
+    return Latency(median=float(np.median(values)), p95=float(np.percentile(values, 95)))
+
+
+def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[SweepRow]:
     """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from."""
     measured = result["measured"]
-    variant = training_defence(config.model_dir)
-    base = {
-        "model": load_manifest(config.model_dir).name,
-        "split": config.split,
-        "defence": variant["name"] if variant else config.defence,
-        "strength": variant["strength"] if variant else config.strength,
-        "training_time": bool(variant),
-        "frames": len(measured["frame"]),
-        "accuracy": float(np.mean(measured["correct"])),
+    m = load_manifest(config.model_dir)
+    variant = m.training_defence
+    configuration = dict(
+        model=m.name,
+        split=config.split,
+        defence=variant["name"] if variant else config.defence,
+        strength=variant["strength"] if variant else config.strength,
+        training_time=bool(variant),
+        frames=len(measured["frame"]),
+        accuracy=float(np.mean(measured["correct"])),
         # in points, rounded so that a drop of exactly 1 frame in 100 is 1.0, not 1.0000000000000009
-        "accuracy_drop": round(100 * (float(np.mean(reference["correct"])) - float(np.mean(measured["correct"]))), 6),
-        "bytes_up": float(np.median(measured["bytes_up"])),
-    }
-    for attack, scores in result["attacks"].items():
-        for what in ("psnr", "ssim", "recognisable", "label_leakage"):
-            base[f"{attack}_{what}"] = scores[what]
-    base["max_ssim"] = max((s["ssim"] for s in result["attacks"].values()), default=float("nan"))
+        accuracy_drop=round(100 * (float(np.mean(reference["correct"])) - float(np.mean(measured["correct"]))), 6),
+        bytes_up=float(np.median(measured["bytes_up"])),
+        attacks={
+            attack: AttackScores(
+                psnr=s["psnr"], ssim=s["ssim"], recognisable=s["recognisable"], label_leakage=s["label_leakage"]
+            )
+            for attack, s in result["attacks"].items()
+        },
+    )
     out = []
     for name in links:
         profile = link.profile(name)
@@ -335,45 +338,38 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
             "uplink": link_delays_ms(profile, measured["bytes_up"], seed),
             "downlink": link_delays_ms(profile, measured["bytes_down"], seed + 1),
         }
-        row = dict(base, link=name)
-        for stage in (*LATENCY_STAGES, "total"):
-            values = sum(stages.values()) if stage == "total" else stages[stage]
-            row[f"{stage}_ms_median"] = float(np.median(values))
-            row[f"{stage}_ms_p95"] = float(np.percentile(values, 95))
-        out.append(row)
+        total = sum(stages.values())  # summed in this order, as the sweep always has: another changes the last bits
+        latency_ms = {stage: latency(stages[stage]) for stage in LATENCY_STAGES} | {"total": latency(total)}
+        out.append(SweepRow(**configuration, link=name, latency_ms=latency_ms))
     return out
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[SweepRow]) -> str:
     """The table for people: one line per configuration, the links side by side (median total latency)."""
-    links = list(dict.fromkeys(r["link"] for r in table))
-    attacks = [k.removesuffix("_ssim") for k in table[0] if k.endswith("_ssim") and k != "max_ssim"]
+    links = list(dict.fromkeys(r.link for r in table))
+    attacks = list(table[0].attacks)
     head = ["split", "defence", "strength", "accuracy", "drop (points)", "bytes up"]
     head += [f"{a} SSIM" for a in attacks] + [f"{a} label leakage" for a in attacks] + [f"{n} ms" for n in links]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    by_config: dict[tuple, dict[str, dict]] = {}
+    by_config: dict[tuple, dict[str, SweepRow]] = {}
     for r in table:
-        by_config.setdefault((r["model"], r["split"], r["defence"], r["strength"]), {})[r["link"]] = r
+        by_config.setdefault((r.model, r.split, r.defence, r.strength), {})[r.link] = r
     for (_, split, defence, strength), per_link in by_config.items():
         r = per_link[links[0]]
-        trained = " (trained)" if r["training_time"] else ""
-        cells = [split, defence + trained, f"{strength:g}", f"{100 * r['accuracy']:.1f}%", f"{r['accuracy_drop']:.1f}"]
-        cells += [f"{r['bytes_up']:,.0f}"] + [f"{r[f'{a}_ssim']:.3f}" for a in attacks]
-        cells += [f"{100 * r[f'{a}_label_leakage']:.0f}%" for a in attacks]
-        cells += [f"{per_link[n]['total_ms_median']:.1f}" for n in links]
+        trained = " (trained)" if r.training_time else ""
+        cells = [split, defence + trained, f"{strength:g}", f"{100 * r.accuracy:.1f}%", f"{r.accuracy_drop:.1f}"]
+        cells += [f"{r.bytes_up:,.0f}"] + [f"{r.attacks[a].ssim:.3f}" for a in attacks]
+        cells += [f"{100 * r.attacks[a].label_leakage:.0f}%" for a in attacks]
+        cells += [f"{per_link[n].total_ms():.1f}" for n in links]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: list[dict], out: Path) -> None:
+def write_table(table: list[SweepRow], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(table, indent=1))
+    write_json(table, out / "sweep.json")
     (out / "sweep.md").write_text(markdown(table))
-    columns = list(dict.fromkeys(k for row in table for k in row))
-    with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(table, out / "sweep.csv")
 
 
 def sweep(
@@ -386,7 +382,7 @@ def sweep(
     attacks: list[str],
     settings: Settings,
     progress: bool = True,
-) -> list[dict]:
+) -> list[SweepRow]:
     from tqdm import tqdm
 
     todo = list(configs(model_dir, variants, splits, runtime))
