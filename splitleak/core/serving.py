@@ -216,19 +216,27 @@ async def send(context: grpc.aio.ServicerContext, message: bytes, timeout_s: flo
 
 def listen(server: grpc.aio.Server, host: str, port: int) -> int:
     """Bind `server` to host:port (0: any free port); returns the port. OSError, in one line, if it cannot."""
-    where = f"{host}:{port}"
+    check_port(host, port)
     try:
-        if port:
-            # Asked first, because gRPC would log lines of its own before failing; SO_REUSEADDR as gRPC sets it,
-            # so that a port with old connections in TIME_WAIT is free, and one with a listener is not.
-            for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-                with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind(address)
-        return server.add_insecure_port(where)
-    except (OSError, RuntimeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the address is not this machine's or in use"
-        raise OSError(f"cannot listen on {where}: {reason}") from None
+        return server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        raise OSError(
+            f"cannot listen on {host}:{port}: the address is not this machine's, or the port is taken"
+        ) from None
+
+
+def check_port(host: str, port: int) -> None:
+    """OSError, in one line, if host:port cannot be listened on; asked before gRPC, which would log lines of its own."""
+    if not port:
+        return
+    try:
+        # SO_REUSEADDR as gRPC sets it: a port with old connections in TIME_WAIT is free, one with a listener is not.
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 # Command-line values, checked where argparse reads them so that a bad one is one line of usage, not a traceback.
