@@ -29,105 +29,24 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 import splitleak
 from splitleak.cloud import wire
+from splitleak.cloud.tail import InferError, Tail, load_tails
 from splitleak.core import codec, defences, manifest, serving, transport
-from splitleak.core.serving import quote, quote_all
+from splitleak.core.serving import quote
 from splitleak.protos import inference_pb2 as pb
 
-MAX_BATCH = 256
 MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refused, so that answers stay small
 
 log = logging.getLogger("splitleak.cloud")
-
-
-class InferError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = serving.clip(message)
-        self.request_id = request_id
-
-
-@dataclass
-class Tail:
-    """The tail of one split, ready to run."""
-
-    name: str
-    session: ort.InferenceSession
-    activation_shape: tuple[int, ...]
-    activation_datatype: str
-    num_classes: int
-
-    @classmethod
-    def load(cls, m: manifest.Manifest, split: manifest.Split, threads: int) -> Tail:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(split.tail), options, providers=["CPUExecutionProvider"])
-        return cls(
-            m.served_name(split.name), session, split.activation_shape, split.activation_datatype, len(m.classes)
-        )
-
-    def metadata(self) -> pb.ModelMetadataResponse:
-        return pb.ModelMetadataResponse(
-            name=self.name,
-            versions=["1"],
-            platform="onnxruntime_onnx",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name="activation", datatype=self.activation_datatype, shape=[-1, *self.activation_shape]
-                )
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, self.num_classes])
-            ],
-        )
-
-    def expected(self) -> str:
-        return (
-            f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, "
-            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents, or a defended form: "
-            f"{defences.forms(self.activation_shape)}"
-        )
-
-    def validate(self, request: pb.ModelInferRequest) -> None:
-        """What can be checked before the tensors are read; the codec and `restore` check the rest of the form."""
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
-        names = [t.name for t in request.inputs]
-        if "activation" not in names or len(set(names)) != len(names) or not set(names) <= set(defences.INPUTS):
-            raise InferError(invalid, f"{self.name}: got inputs {quote_all(names)}; expected {self.expected()}")
-        for tensor in request.inputs:  # the names are known ones from here on
-            if tensor.datatype not in codec.DATATYPES:
-                raise InferError(
-                    invalid, f"{self.name}: input '{tensor.name}' has unknown datatype {quote(tensor.datatype)}"
-                )
-        tensor = request.inputs[names.index("activation")]
-        if tensor.datatype not in defences.DATATYPES:
-            raise InferError(invalid, f"{self.name}: got datatype {quote(tensor.datatype)}; expected {self.expected()}")
-        shape = tensor.shape
-        if len(shape) < 2 or shape[0] < 1 or any(d < 0 for d in shape):
-            raise InferError(invalid, f"{self.name}: got shape {quote_all(shape, 8)}; expected {self.expected()}")
-        if shape[0] > MAX_BATCH:
-            raise InferError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: batch of {shape[0]} is over the limit of {MAX_BATCH}"
-            )
-        unknown = [o.name for o in request.outputs if o.name != "logits"]
-        if unknown:
-            raise InferError(invalid, f"{self.name}: no output named {quote_all(unknown)}; the only output is 'logits'")
-
-    def run(self, activation: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"activation": activation})[0]
-
 
 # Called with every request the cloud accepts, as it arrived (serialized), and the wall clock (ns) when it did, before
 # it runs: where a curious cloud keeps its copy.
@@ -191,11 +110,12 @@ class InferenceService:
             raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(request.model_name, request.model_version))
         tail.validate(request)
         try:
-            activation = defences.restore(
-                codec.decode_request(request),
-                codec.get_parameters(request.parameters),
-                shape=tail.activation_shape,
-            )
+            with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
+                activation = defences.restore(
+                    codec.decode_request(request),
+                    codec.get_parameters(request.parameters),
+                    shape=tail.activation_shape,
+                )
         except (codec.CodecError, defences.RestoreError) as e:
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
         non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
@@ -322,16 +242,6 @@ class InferenceService:
                 await self.gate.abort(context, method, e.code, e.message)
 
         return handle
-
-
-def load_tails(model_dirs: list[Path], threads: int = 1) -> dict[str, Tail]:
-    tails = {}
-    for model_dir in model_dirs:
-        m = manifest.load(model_dir)
-        for split in m.splits.values():
-            tail = Tail.load(m, split, threads)
-            tails[tail.name] = tail
-    return tails
 
 
 async def serve(
