@@ -150,77 +150,30 @@ class _Forwarder(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(functools.partial(self._stream, method))
 
     async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self.gate.call(context, method, counted=method in CAPTURED_METHODS):
-            self._passed(method, request)
-            async with self._upstream(context.peer()) as channel:
-                call = channel.unary_unary(method)(request, timeout=_timeout(context), metadata=_metadata(context))
-                try:
-                    response = await call
-                except grpc.RpcError as e:
-                    await _relay_error(context, e)
-                await context.send_initial_metadata(await call.initial_metadata())
-                context.set_trailing_metadata(tuple(await call.trailing_metadata()))
-                return response
+        async with self.gate.call(context, method, counted=method in CAPTURED_METHODS) as admitted:
+            if admitted:
+                self._passed(method, request)
+                async with self._upstream(context.peer()) as channel:
+                    call = channel.unary_unary(method)(request, timeout=_timeout(context), metadata=_metadata(context))
+                    try:
+                        response = await call
+                    except grpc.RpcError as e:
+                        _relay_error(context, e)
+                        return b""
+                    await context.send_initial_metadata(await call.initial_metadata())
+                    context.set_trailing_metadata(tuple(await call.trailing_metadata()))
+                    return response
+        return b""  # the status says why
 
     async def _stream(self, method: str, requests, context: grpc.aio.ServicerContext) -> None:
-        idle_s = self.gate.limits.idle_timeout_s
-        loop = asyncio.get_running_loop()
-        last_message = loop.time()  # either way: a device waiting for its answer is not idle
-        reader = serving.Reader(context, self.gate.stopping)
-
-        async def pump_up(call) -> bool:
-            """The device's requests to the cloud, until it has sent its last; True if the proxy stopped first."""
-            nonlocal last_message
-            stopped = False
-            try:
-                while True:
-                    remaining = last_message + idle_s - loop.time()
-                    if remaining <= 0:
-                        raise serving.Idle()
-                    try:
-                        request = await reader.next(remaining)
-                    except serving.Idle:
-                        continue  # an answer may have come meanwhile: look again
-                    except serving.Stopping:
-                        stopped, request = True, None
-                    if request is None:
-                        await call.done_writing()
-                        return stopped
-                    last_message = loop.time()
-                    self._passed(method, request)
-                    await call.write(request)
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                return stopped  # the cloud has ended the call; pump_down relays how
-
-        async def pump_down(call) -> None:
-            nonlocal last_message
-            await context.send_initial_metadata(await call.initial_metadata())
-            while (response := await call.read()) is not grpc.aio.EOF:
-                last_message = loop.time()
-                await serving.send(context, response, idle_s)
-
         counted = method in CAPTURED_METHODS or method not in _CARDINALITY
-        async with self.gate.call(context, method, counted=counted), self._upstream(context.peer()) as channel:
-            call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
-            up, down = asyncio.ensure_future(pump_up(call)), asyncio.ensure_future(pump_down(call))
-            try:
-                await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-                if up.done() and up.exception() is None:
-                    await asyncio.wait({down})  # the device has sent all it will: relay the rest of the answers
-                if up.done() and up.exception() is not None:
-                    up.result()  # idle: the gate ends the stream
-                try:
-                    down.result()
-                except grpc.RpcError as e:
-                    await _relay_error(context, e)
-            finally:
-                up.cancel()
-                down.cancel()
-                call.cancel()
-                reader.close()
-            context.set_trailing_metadata(tuple(await call.trailing_metadata()))
-            if not up.cancelled() and up.result():
-                raise serving.Stopping()
+        async with self.gate.call(context, method, counted=counted) as admitted:
+            if admitted:
+                async with self._upstream(context.peer()) as channel:
+                    call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
+                    reader = serving.Reader(context, self.gate.stopping)
+                    passed = functools.partial(self._passed, method)
+                    await _Relay(context, call, reader, self.gate.limits.idle_timeout_s, passed).run()
 
     def _passed(self, method: str, request: bytes) -> None:
         if method in CAPTURED_METHODS:
@@ -255,6 +208,69 @@ class _Forwarder(grpc.GenericRpcHandler):
             await upstream.channel.close()
 
 
+class _Relay:
+    """One stream both ways: the device's requests up, the cloud's answers down, then the cloud's status.
+
+    It is idle when no message has gone either way for the idle timeout: a device waiting for its answer is not."""
+
+    def __init__(self, context, call, reader: serving.Reader, idle_s: float, passed) -> None:
+        self.context, self.call, self.reader = context, call, reader
+        self.idle_s = idle_s
+        self.passed = passed  # called with each request on its way to the cloud
+        self.loop = asyncio.get_running_loop()
+        self.last_message = self.loop.time()
+
+    async def run(self) -> None:
+        """Relay until the cloud ends the call; raises Idle, Stalled or Stopping for the gate to end the stream."""
+        up, down = asyncio.ensure_future(self._up()), asyncio.ensure_future(self._down())
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if up.done() and up.exception() is None:
+                await asyncio.wait({down})  # the device has sent all it will: relay the rest of the answers
+            stopped = up.done() and up.result()  # raises Idle
+            down.result()
+        except grpc.RpcError as e:
+            _relay_error(self.context, e)
+            return
+        finally:
+            up.cancel()
+            down.cancel()
+            self.call.cancel()
+            self.reader.close()
+        self.context.set_trailing_metadata(tuple(await self.call.trailing_metadata()))
+        if stopped:
+            raise serving.Stopping()
+
+    async def _up(self) -> bool:
+        """The device's requests to the cloud, until it has sent its last; True if the proxy stopped first."""
+        stopped = False
+        try:
+            while True:
+                remaining = self.last_message + self.idle_s - self.loop.time()
+                if remaining <= 0:
+                    raise serving.Idle()
+                try:
+                    request = await self.reader.next(remaining)
+                except serving.Idle:
+                    continue  # an answer may have come meanwhile: look again
+                except serving.Stopping:
+                    stopped, request = True, None
+                if request is None:
+                    await self.call.done_writing()
+                    return stopped
+                self.last_message = self.loop.time()
+                self.passed(request)
+                await self.call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return stopped  # the cloud has ended the call; _down relays how
+
+    async def _down(self) -> None:
+        await self.context.send_initial_metadata(await self.call.initial_metadata())
+        while (response := await self.call.read()) is not grpc.aio.EOF:
+            self.last_message = self.loop.time()
+            await serving.send(self.context, response, self.idle_s)
+
+
 class _Upstream:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
@@ -282,8 +298,11 @@ def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]
     return [(key, value) for key, value in context.invocation_metadata() if not key.startswith(_HOP_BY_HOP)]
 
 
-async def _relay_error(context: grpc.aio.ServicerContext, error: grpc.RpcError) -> None:
-    await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
+def _relay_error(context: grpc.aio.ServicerContext, error: grpc.RpcError) -> None:
+    """The cloud's status as the call's own (set, not raised: see serving.Gate.fail)."""
+    context.set_trailing_metadata(tuple(error.trailing_metadata() or ()))
+    context.set_code(error.code())
+    context.set_details(error.details() or "")
 
 
 def start_process(

@@ -152,18 +152,19 @@ class InferenceService:
     # request is answered INVALID_ARGUMENT like any other bad one, and a large one never stalls the event loop.
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self.gate.call(context, "ModelInfer"):
-            try:
-                response = await self._on_pool(self.answer, raw)
-            except InferError as e:
-                await self.gate.abort(context, "ModelInfer", e.code, e.message)
-            return response.SerializeToString()
+        async with self.gate.call(context, "ModelInfer") as admitted:
+            if admitted:
+                response, error = await self._on_pool(self._answer_unary, raw)
+                if error is None:
+                    return response
+                self.gate.fail(context, "ModelInfer", error.code, error.message)
+        return b""  # the status says why
 
     async def model_stream_infer(self, requests, context: grpc.aio.ServicerContext) -> None:
-        reader = serving.Reader(context, self.gate.stopping)
-        async with self.gate.call(context, "ModelStreamInfer"):
+        async with self.gate.call(context, "ModelStreamInfer") as admitted:
+            reader = serving.Reader(context, self.gate.stopping)
             try:
-                while (raw := await reader.next(self.gate.limits.idle_timeout_s)) is not None:
+                while admitted and (raw := await reader.next(self.gate.limits.idle_timeout_s)) is not None:
                     answer, error = await self._on_pool(self._answer_in_band, raw)
                     if error is not None:
                         self.gate.error(context.peer(), "ModelStreamInfer", error.code, error.message)
@@ -173,6 +174,12 @@ class InferenceService:
             finally:
                 reader.close()
 
+    def _answer_unary(self, raw: bytes) -> tuple[bytes | None, InferError | None]:
+        try:
+            return self.answer(raw).SerializeToString(), None
+        except InferError as e:
+            return None, e.with_traceback(None)  # its frames hold the request: let them go now
+
     def _answer_in_band(self, raw: bytes) -> tuple[bytes, InferError | None]:
         try:
             return pb.ModelStreamInferResponse(infer_response=self.answer(raw)).SerializeToString(), None
@@ -180,7 +187,7 @@ class InferenceService:
             response = pb.ModelStreamInferResponse(
                 error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=e.request_id)
             )
-            return response.SerializeToString(), e
+            return response.SerializeToString(), e.with_traceback(None)
 
     async def _on_pool(self, work, raw: bytes):
         return await asyncio.get_running_loop().run_in_executor(self.executor, work, raw)
@@ -237,9 +244,10 @@ class InferenceService:
                 return respond(request_type.FromString(raw)).SerializeToString()
             except DecodeError as e:
                 message = f"not a {request_type.__name__} ({len(raw)} bytes): {e}"
-                await self.gate.abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, message)
+                self.gate.fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, message)
             except InferError as e:
-                await self.gate.abort(context, method, e.code, e.message)
+                self.gate.fail(context, method, e.code, e.message)
+            return b""  # the status says why
 
         return handle
 
