@@ -83,7 +83,8 @@ class Proxy:
         self.sink = sink
         self.host = host
         self.port = port  # the one it listens on, once started
-        self.gate = serving.Gate(limits or serving.Limits(), log, "proxy")
+        # Its refusals name the cloud: the device is not to tell the proxy from the cloud it stands in for.
+        self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
         self._forwarder = _Forwarder(cloud, sink, self.gate)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)

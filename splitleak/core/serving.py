@@ -115,7 +115,7 @@ class Gate:
     def __init__(self, limits: Limits, log: logging.Logger, what: str) -> None:
         self.limits = limits
         self.log = log
-        self.what = what  # "cloud" or "proxy", for messages
+        self.what = what  # what the server calls itself in messages
         self.stopping = asyncio.Event()
         self.open: Counter[str] = Counter()  # open counted calls by connection (the peer's address and port)
 
