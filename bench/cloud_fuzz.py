@@ -97,10 +97,11 @@ def mutate(rng: random.Random, request: pb.ModelInferRequest) -> None:
         request.inputs.add(name=a_string(rng), datatype="INT32", shape=[1, rng.choice(DIMENSIONS)])
     elif change == 10:
         request.outputs.add(name=a_string(rng))
-    elif tensor.datatype == "FP32" and request.raw_input_contents:
-        values = np.frombuffer(request.raw_input_contents[0], np.float32).copy()
+    elif tensor.datatype == "FP32" and request.raw_input_contents and len(request.raw_input_contents[0]) >= 4:
+        raw = request.raw_input_contents[0]
+        values = np.frombuffer(raw, np.float32, count=len(raw) // 4).copy()
         values[rng.randrange(len(values))] = rng.choice(VALUES)
-        request.raw_input_contents[0] = values.tobytes()
+        request.raw_input_contents[0] = values.tobytes() + raw[values.nbytes :]
 
 
 def hostile(rng: random.Random, forms: list[pb.ModelInferRequest]) -> bytes:
@@ -203,7 +204,8 @@ def main() -> None:
     print("| answer | count |\n|---|---|")
     for code, n in sorted(client.codes.items()):
         print(f"| {code} | {n:,} |")
-    print(f"\nrequests: {sum(client.codes.values()):,} hostile, UNKNOWN or INTERNAL: {unexpected}")
+    answers = sum(client.codes.values())
+    print(f"\nanswers: {answers:,} (the valid frames on the streams aside), UNKNOWN or INTERNAL: {unexpected}")
     print(f"streams: {client.streams['whole']:,} answered every frame, {client.streams['lost']} lost one")
     print(f"log lines: {logged:,} for {errors:,} errors answered")
     print(

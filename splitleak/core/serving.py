@@ -8,8 +8,9 @@ What is still bounded, each with RESOURCE_EXHAUSTED and a message that names the
 - open inference calls (ModelInfer and ModelStreamInfer) per connection, `MAX_STREAMS_PER_CONNECTION` (16): a device
   needs one stream at a time; 16 leaves room for a gateway or a test harness that carries a few devices on one
   connection, and keeps one connection from taking more than a sixteenth of the server;
-- open inference calls in all, `MAX_STREAMS` (256): a queue of 256 devices with one frame each in flight is already
-  about half a second of ResNet-20 tail work on two cores, so more would wait longer than a frame is worth;
+- open inference calls in all, `MAX_STREAMS` (256): at the 2,100 frames/s two busy cores answer at the default split
+  (docs/cloud.md), 256 devices with a frame each in flight wait some 120 ms a frame, four frames of a 30 frames/s
+  camera; more would only wait longer, so past it the cloud says so instead;
 - a stream that sends nothing for `IDLE_TIMEOUT_S` (60 s) while it has every answer is closed (DEADLINE_EXCEEDED),
   and one that reads none of its answers for as long is dropped: a device at 1 frame/s over the simulated 3G link
   (a 64 KiB activation takes half a second) sends every second and a half, and switching split builds a head in
