@@ -45,6 +45,9 @@ from splitleak.core.serving import quote
 from splitleak.protos import inference_pb2 as pb
 
 MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refused, so that answers stay small
+# Health and metadata requests hold a name or two, and are parsed on the event loop: a larger one is refused unread,
+# so that none keeps the loop from answering the rest.
+MAX_PLAIN_BYTES = 64 * 1024
 
 log = logging.getLogger("splitleak.cloud")
 
@@ -81,33 +84,35 @@ class InferenceService:
             raise InferError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"not a ModelInferRequest ({len(raw)} bytes): {e}"
             ) from e
+        request_id = request.id  # read once: each read of a string field makes a new copy, and this one may be large
         if len(raw) > transport.MAX_MESSAGE_BYTES:
             raise InferError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"message of {len(raw)} bytes is over the limit of {transport.MAX_MESSAGE_BYTES}",
-                request.id[:MAX_ID_CHARS],
+                request_id[:MAX_ID_CHARS],
             )
-        if len(request.id) > MAX_ID_CHARS:
+        if len(request_id) > MAX_ID_CHARS:
             raise InferError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"request id of {len(request.id)} characters; at most {MAX_ID_CHARS}, as every answer echoes it",
-                request.id[:MAX_ID_CHARS],
+                f"request id of {len(request_id)} characters; at most {MAX_ID_CHARS}, as every answer echoes it",
+                request_id[:MAX_ID_CHARS],
             )
         try:
             return self._infer(request, raw, recv_ns, start)
         except InferError as e:
-            e.request_id = request.id
+            e.request_id = request_id
             raise
         except Exception as e:  # noqa: BLE001 - a fault of the cloud's, not the client's: logged whole, said plainly
             log.exception("failed on a request to %s", quote(request.model_name))
             raise InferError(
-                grpc.StatusCode.INTERNAL, f"the cloud failed on this request ({type(e).__name__})", request.id
+                grpc.StatusCode.INTERNAL, f"the cloud failed on this request ({type(e).__name__})", request_id
             ) from e
 
     def _infer(self, request: pb.ModelInferRequest, raw: bytes, recv_ns: int, start: float) -> pb.ModelInferResponse:
-        tail = self._tail(request.model_name, request.model_version)
+        name, version = request.model_name, request.model_version
+        tail = self._tail(name, version)
         if tail is None:
-            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(request.model_name, request.model_version))
+            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
         tail.validate(request)
         try:
             with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
@@ -241,6 +246,11 @@ class InferenceService:
     def _plain(self, method: str, request_type, respond):
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
+                if len(raw) > MAX_PLAIN_BYTES:
+                    raise InferError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a {request_type.__name__} of {len(raw)} bytes; at most {MAX_PLAIN_BYTES}, for a name or two",
+                    )
                 return respond(request_type.FromString(raw)).SerializeToString()
             except DecodeError as e:
                 message = f"not a {request_type.__name__} ({len(raw)} bytes): {e}"

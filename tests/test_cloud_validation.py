@@ -319,3 +319,15 @@ def test_hostile_unary_requests_get_expected_statuses_short_messages_and_one_log
     assert statuses == [code for _, code in hostile]
     lines = [line for line in log_path.read_text().splitlines() if " ModelInfer " in line][before:]
     assert len(lines) == len(statuses) and all(len(line) <= serving.MAX_LOG_CHARS + len("cloud: ") for line in lines)
+
+
+def test_health_and_metadata_requests_that_are_not_one_or_too_large_are_invalid_argument(cloud_with_log):
+    target, _ = cloud_with_log
+    with big_channel(target) as channel:
+        for method, raw, says in (
+            ("ServerLive", b"\xff\xff", "not a ServerLiveRequest"),
+            ("ModelMetadata", pb.ModelMetadataRequest(name="x" * 100_000).SerializeToString(), "at most 65536"),
+        ):
+            with pytest.raises(grpc.RpcError) as error:
+                channel.unary_unary(f"/{transport.SERVICE_NAME}/{method}")(raw, timeout=60)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in error.value.details()
