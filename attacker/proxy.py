@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitleak.attacker.feed import FeedSender
 from splitleak.core import process, serving, transport
@@ -111,7 +110,7 @@ class Proxy:
 
     async def _start(self) -> int:
         self._server = grpc.aio.server(options=transport.SERVER_OPTIONS)
-        self._health = HealthServicer()
+        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # Registered services (health) are looked up first; every other method falls through to the forwarder.
         self._server.add_generic_rpc_handlers((self._forwarder,))

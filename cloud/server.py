@@ -34,8 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
 from splitleak.cloud import wire
@@ -264,11 +263,11 @@ class InferenceService:
 
 async def serve(
     service: InferenceService, *, host: str = "127.0.0.1", port: int = 0
-) -> tuple[grpc.aio.Server, int, HealthServicer]:
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start serving; returns the server, the port it listens on, and its health servicer. OSError if it cannot."""
     server = grpc.aio.server(options=transport.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
-    health_servicer = HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = serving.listen(server, host, port)
     await server.start()
@@ -277,7 +276,7 @@ async def serve(
     return server, bound, health_servicer
 
 
-async def drain(server: grpc.aio.Server, service: InferenceService, health_servicer: HealthServicer) -> None:
+async def drain(server: grpc.aio.Server, service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
     """Stop taking work, answer what has been received, end open streams, and stop within the grace period."""
     service.gate.stopping.set()
     await health_servicer.enter_graceful_shutdown()
