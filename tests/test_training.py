@@ -1,10 +1,14 @@
-"""Training has one code path: plain cross-entropy is the `none` objective, picked by name like every defence."""
+"""Training has one code path: plain cross-entropy is the `none` objective, picked by name like every defence; and
+checkpoints in the dict format `splitleak train` has always written still load."""
+
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from splitleak.model import objectives, zoo
+from splitleak.model.checkpoint import TrainConfig, load_checkpoint, load_model, save_checkpoint
 
 
 def objective_on_resnet20(name: str) -> tuple[torch.nn.Sequential, objectives.Objective]:
@@ -27,3 +31,47 @@ def test_every_objective_at_strength_zero_is_plain_cross_entropy_on_a_batch(name
 def test_an_unknown_objective_is_refused_with_the_names_there_are():
     with pytest.raises(KeyError, match="none, nopeek, adversarial"):
         objective_on_resnet20("dropout")
+
+
+def first_format_checkpoint(path, model: torch.nn.Sequential) -> dict:
+    """Save `model` as the first `splitleak train` did: no name, and no size or defence in the config."""
+    raw = {
+        "config": {
+            "model": "resnet20",
+            "dataset": "cifar10",
+            "epochs": 15,
+            "batch_size": 128,
+            "lr": 0.2,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.1,
+            "limit": None,
+            "flip": True,
+            "seed": 0,
+        },
+        "state_dict": model.state_dict(),
+        "classes": [f"class {i}" for i in range(10)],
+        "input": {"size": 32, "channels": 3, "mean": [0.5, 0.25, 0.75], "std": [0.25, 0.125, 0.5]},
+        "test_accuracy": 0.5,
+        "test_images": 100,
+        "history": [{"epoch": 1, "test_accuracy": 0.5, "seconds": 1.0}],
+    }
+    torch.save(raw, path)
+    return raw
+
+
+def test_a_checkpoint_in_the_first_dict_format_loads_its_model_and_saves_back_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.build("resnet20", num_classes=10).eval()
+    raw = first_format_checkpoint(tmp_path / "old.pt", model)
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint.config == TrainConfig() and checkpoint.name == "resnet20-cifar10"
+    assert checkpoint.training_defence is None and checkpoint.mean.tolist() == [0.5, 0.25, 0.75]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(checkpoint)(x), model(x))
+    save_checkpoint(checkpoint, tmp_path / "new.pt")
+    again = torch.load(tmp_path / "new.pt", weights_only=False)
+    assert again.pop("name") == "resnet20-cifar10" and again.pop("config") == asdict(TrainConfig())
+    assert {k: v for k, v in again.items() if k != "state_dict"} == {
+        k: v for k, v in raw.items() if k not in {"state_dict", "config"}
+    }
