@@ -1,14 +1,16 @@
 """Training has one code path: plain cross-entropy is the `none` objective, picked by name like every defence; and
-checkpoints in the dict format `splitleak train` has always written still load."""
+checkpoints in the dict format `splitleak train` has always written still load; and runs of one batch train."""
 
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_shared
 
-from splitleak.model import objectives, zoo
-from splitleak.model.checkpoint import TrainConfig, load_checkpoint, load_model, save_checkpoint
+from splitleak import cli
+from splitleak.model import objectives, train, zoo
+from splitleak.model.checkpoint import TrainConfig, checkpoint_path, load_checkpoint, load_model, save_checkpoint
 
 
 def objective_on_resnet20(name: str) -> tuple[torch.nn.Sequential, objectives.Objective]:
@@ -75,3 +77,23 @@ def test_a_checkpoint_in_the_first_dict_format_loads_its_model_and_saves_back_un
     assert {k: v for k, v in again.items() if k != "state_dict"} == {
         k: v for k, v in raw.items() if k not in {"state_dict", "config"}
     }
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_the_one_cycle_schedule_takes_every_step_of_a_run_however_short(steps):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    schedule = train.one_cycle(optimizer, 0.2, steps)
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(0 <= rate <= 0.2 for rate in rates)
+
+
+@needs_shared
+def test_training_on_one_batch_of_a_hundred_images_works_from_the_command_line(capsys):
+    assert cli.main(["train", "--limit", "100", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20 on cifar10: test accuracy" in out and "on 100 images after 1 epochs" in out
+    assert load_checkpoint(checkpoint_path(TrainConfig(limit=100))).history[0]["epoch"] == 1

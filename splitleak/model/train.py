@@ -108,12 +108,16 @@ def build_training(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
     )
-    total_steps = config.epochs * -(-len(prepared.x_train) // config.batch_size)
-    # A quarter of the run warms up; tiny runs (tests) still need two warm-up steps for the schedule to exist.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.lr, total_steps=total_steps, pct_start=max(0.25, 2 / total_steps)
-    )
+    schedule = one_cycle(optimizer, config.lr, config.epochs * -(-len(prepared.x_train) // config.batch_size))
     return model, objective, optimizer, schedule
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm up to `lr` over a quarter of the run, then anneal (Smith and Topin 2019)."""
+    # OneCycleLR divides by each phase's length, so it needs two warm-up steps and one to anneal. A run of fewer steps
+    # (`--limit 100`: one batch) takes the first steps of a three-step cycle; a longer one gets exactly its own.
+    cycle = max(steps, 3)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=cycle, pct_start=max(0.25, 2 / cycle))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
