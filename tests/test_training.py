@@ -1,5 +1,6 @@
-"""Training has one code path: plain cross-entropy is the `none` objective, picked by name like every defence; and
-checkpoints in the dict format `splitleak train` has always written still load; and runs of one batch train."""
+"""Training: plain cross-entropy is the `none` objective, picked by name like every defence; checkpoints in the dict
+format `splitleak train` has always written still load; runs of one batch train; unlabelled data is refused in one
+line."""
 
 from dataclasses import asdict
 
@@ -97,3 +98,10 @@ def test_training_on_one_batch_of_a_hundred_images_works_from_the_command_line(c
     out = capsys.readouterr().out
     assert "resnet20 on cifar10: test accuracy" in out and "on 100 images after 1 epochs" in out
     assert load_checkpoint(checkpoint_path(TrainConfig(limit=100))).history[0]["epoch"] == 1
+
+
+def test_training_on_unlabelled_photos_fails_with_one_clear_line(capsys):
+    assert cli.main(["train", "--dataset", "embedded", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitleak train: embedded (train) has 40 of 45 images without a label")
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -68,8 +68,15 @@ def load_splits(config: TrainConfig) -> tuple[data.Dataset, data.Dataset]:
 
 
 def prepare_data(config: TrainConfig, base: Checkpoint | None) -> TrainingData:
-    """The splits, normalised by the training images' channel statistics, or by the base model's when fine-tuning."""
+    """The splits, labelled throughout, normalised by the training images' channel statistics, or by the base model's
+    when fine-tuning."""
     train_set, test_set = load_splits(config)
+    for split, dataset in (("train", train_set), ("test", test_set)):
+        if unlabelled := int((dataset.labels < 0).sum()):
+            raise ValueError(
+                f"{dataset.name} ({split}) has {unlabelled} of {len(dataset)} images without a label, and training "
+                "needs every label: give a labelled --dataset (cifar10, mnist, embedded-faces, ...)"
+            )
     if base is None:
         images = train_set.images.astype(np.float32) / 255
         mean, std = images.mean((0, 1, 2)), images.std((0, 1, 2))
