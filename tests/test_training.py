@@ -1,9 +1,10 @@
 """Training: plain cross-entropy is the `none` objective, picked by name like every defence; checkpoints in the dict
 format `splitleak train` has always written still load; runs of one batch train; unlabelled data is refused in one
-line."""
+line; the channel statistics are exact."""
 
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,14 @@ def test_training_on_unlabelled_photos_fails_with_one_clear_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("splitleak train: embedded (train) has 40 of 45 images without a label")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_channel_statistics_of_two_million_pixels_a_channel_are_exact():
+    images = np.empty((2000, 32, 32, 3), np.uint8)  # 2,048,000 values a channel: past float32's exact running sum
+    images[..., 0] = 200
+    images[..., 1] = np.arange(32)[:, None] % 2 * 255  # alternate rows black and white
+    images[..., 2] = 77
+    mean, std = train.channel_mean_std(images)
+    assert mean.dtype == std.dtype == np.float32
+    np.testing.assert_allclose(mean, [200 / 255, 0.5, 77 / 255], rtol=1e-6)
+    np.testing.assert_allclose(std, [0, 0.5, 0], atol=1e-6)

@@ -67,6 +67,15 @@ def load_splits(config: TrainConfig) -> tuple[data.Dataset, data.Dataset]:
     return train_set, test_set
 
 
+def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images (N, H, W, C) in [0, 1], as float32 (C,)."""
+    # Summed in float64: a float32 running sum of CIFAR-10's 51.2 million values per channel stops growing at 2**24,
+    # which is how every channel's mean in the shipped manifest came to be 0.32768 (2**24 / 51.2e6).
+    mean = images.mean((0, 1, 2), dtype=np.float64) / 255
+    std = images.std((0, 1, 2), dtype=np.float64) / 255
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def prepare_data(config: TrainConfig, base: Checkpoint | None) -> TrainingData:
     """The splits, labelled throughout, normalised by the training images' channel statistics, or by the base model's
     when fine-tuning."""
@@ -78,8 +87,7 @@ def prepare_data(config: TrainConfig, base: Checkpoint | None) -> TrainingData:
                 "needs every label: give a labelled --dataset (cifar10, mnist, embedded-faces, ...)"
             )
     if base is None:
-        images = train_set.images.astype(np.float32) / 255
-        mean, std = images.mean((0, 1, 2)), images.std((0, 1, 2))
+        mean, std = channel_mean_std(train_set.images)
     else:  # the base model's normalisation, which its weights expect
         mean, std = base.mean, base.std
     return TrainingData(
