@@ -81,6 +81,11 @@ def test_a_checkpoint_in_the_first_dict_format_loads_its_model_and_saves_back_un
     }
 
 
+def test_exporting_a_checkpoint_that_is_not_there_names_it_in_one_line(tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere.pt")]) == 2
+    assert capsys.readouterr().err == f"splitleak export: no checkpoint at {tmp_path / 'nowhere.pt'}\n"
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 def test_the_one_cycle_schedule_takes_every_step_of_a_run_however_short(steps):
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)

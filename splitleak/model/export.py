@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -216,14 +215,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.checkpoint is None:
-            checkpoint = cached_checkpoint(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
-        else:
-            checkpoint = load_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
-        print(f"splitleak export: {e}", file=sys.stderr)
-        return 2
+    if args.checkpoint is None:
+        checkpoint = cached_checkpoint(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
+    else:
+        checkpoint = load_checkpoint(args.checkpoint)
     out = args.out or data.cache_dir() / "models" / checkpoint.name
     doc = export_checkpoint(checkpoint, out, calibration_images=args.calibration_images)
     print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")

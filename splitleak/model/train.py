@@ -13,7 +13,6 @@ of the learning rate. splitleak.model.checkpoint says what the checkpoint holds 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -319,12 +318,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        trained = train(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"splitleak train: {e}", file=sys.stderr)
-        return 2
+    trained = train(config_from_args(args))  # a bad argument or data set: splitleak.cli turns it into one line
     config, history = trained.config, trained.history
     path = checkpoint_path(config)
     name = trained.name if config.defence else config.model  # "resnet20", or the variant's own name
