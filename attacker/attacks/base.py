@@ -4,8 +4,8 @@ An attack is built once with keyword-only arguments: the knowledge it is given (
 targets; auxiliary images, their labels and the defence, where it declares that it takes them) and its knobs. What an
 attack takes is declared on its class, never read off its constructor: `needs_auxiliary`, `needs_labels`, `adaptive`
 and `exportable`, and `Knobs`, a frozen dataclass whose fields are its knobs with their types and defaults. The
-command line (`splitleak attack`, `splitleak attacker train-decoder`), the sweep and the demo read these; `Attack`
-checks what it is given against them once, and the attack does all of its training in the constructor, so a built
+command line (`splitleak attack`, `splitleak attacker train-decoder`) and the sweep read these; `Attack` checks what
+it is given against them once, and the attack does all of its training in the constructor, so a built
 attack is ready: `invert` maps intercepted activations to reconstructed images, and nothing else is public.
 Trained weights are cached under `splitleak.core.data.cache_dir()`, keyed by the head's sha256 and the knobs.
 """
@@ -19,7 +19,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -27,12 +27,15 @@ import onnxruntime as ort
 from splitleak.core import data, defences
 from splitleak.core.manifest import Manifest, sha256
 
+if TYPE_CHECKING:
+    from torch import nn
+
 
 class Attack(ABC):
     name: ClassVar[str]  # the name the registry and `splitleak attack --attack` know it by
     knowledge: ClassVar[str]  # one sentence: what the attacker knows
     needs_auxiliary: ClassVar[bool] = False  # images of the victim's kind (a train split), to query or train on
-    needs_labels: ClassVar[bool] = False  # and their labels, as the model's class indices
+    needs_labels: ClassVar[bool] = False  # and their labels, as the model's class indices (with needs_auxiliary)
     adaptive: ClassVar[bool] = False  # told the defence and its strength, it models them
     exportable: ClassVar[bool] = False  # `network()` is the whole inverse, which train-decoder exports to ONNX
 
@@ -129,9 +132,10 @@ class Attack(ABC):
         reconstructions = self._invert(activations)
         return np.clip(reconstructions, 0.0, 1.0).astype(np.float32, copy=False)
 
-    def network(self):
+    def network(self) -> nn.Module:
         """With `exportable`: the inverse as one torch module, float32 (N, *activation_shape) -> (N, C, H, W) in
-        pixels of [0, 1] (not yet clipped), which `invert` runs and `splitleak attacker train-decoder` exports."""
+        pixels of [0, 1] (not yet clipped), computing what `invert` does; `splitleak attacker train-decoder` exports
+        it for the live attacker."""
         raise NotImplementedError(f"{self.name} is not one network that could be exported")
 
     @abstractmethod
