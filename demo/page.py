@@ -7,6 +7,7 @@ on a canvas pixel for pixel, so nothing is compressed here, and at a few kilobyt
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import numpy as np
 
@@ -16,16 +17,6 @@ from splitleak.core.facts import RECOGNISABLE_SSIM
 from splitleak.core.manifest import Manifest
 from splitleak.core.records import STAGES, FrameRecord
 
-# The page's slider for each defence's strength, (low, high, step): what a strength means is in splitleak.core.defences.
-STRENGTHS = {
-    "gaussian": (0.0, 2.0, 0.05),
-    "laplace": (0.0, 2.0, 0.05),
-    "dropout": (0.0, 0.95, 0.05),
-    "channel-dropout": (0.0, 0.95, 0.05),
-    "quantise": (1, 8, 1),
-    "quantise-channel": (1, 8, 1),
-    "topk": (0.0, 0.95, 0.05),
-}
 HEAT_MAPS = 4  # activation channels shown
 
 
@@ -61,8 +52,13 @@ def config(
             for name, split in m.splits.items()
         },
         "links": {name: profile.describe() for name, profile in link.PROFILES.items()},
+        # Each defence's slider is what its class declares (splitleak.core.defences.Strengths); None: no slider.
         "defences": {
-            name: {"means": cls.strength_means, "default": cls.default_strength, "range": STRENGTHS.get(name)}
+            name: {
+                "means": cls.strengths.describe(),
+                "default": cls.strengths.default,
+                "slider": None if cls.strengths.slider is None else dataclasses.asdict(cls.strengths.slider),
+            }
             for name, cls in defences.DEFENCES.items()
         },
         "attacks": {

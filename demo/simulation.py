@@ -175,6 +175,10 @@ class Simulation:
             raise ValueError(f"no defence {change['defence']!r}; defences: {', '.join(defences.DEFENCES)}")
         if "strength" in change and not isinstance(change["strength"], int | float):
             raise ValueError(f"strength must be a number, not {change['strength']!r}")
+        if "defence" in change and "strength" in change:  # a strength alone is for the device's defence to check
+            strengths = defences.DEFENCES[change["defence"]].strengths
+            if not strengths.allows(change["strength"]):
+                raise ValueError(f"{change['defence']} takes {strengths.describe()}, not {change['strength']!r}")
         if "attacks" in change:
             unknown = set(change["attacks"]) - set(self.attacks)
             if unknown:

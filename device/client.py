@@ -326,7 +326,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         help="the defence's strength: "
-        + "; ".join(f"{name}: {cls.strength_means}" for name, cls in defences.DEFENCES.items() if name != "none"),
+        + "; ".join(f"{name}: {cls.strengths.describe()}" for name, cls in defences.DEFENCES.items() if name != "none"),
     )
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the head")
     parser.add_argument("--seed", type=int, default=0)

@@ -346,14 +346,14 @@ function options(select, entries) {
   select.innerHTML = entries.map(([value, text]) => `<option value="${value}">${text}</option>`).join("");
 }
 
+// The slider is what the defence's class declares: its stretch, step and where it starts (none: nothing to choose).
 function strengthFor(name, strength) {
-  const { range, default: fallback } = config.defences[name];
+  const { slider, default: fallback } = config.defences[name];
   const input = $("strength");
-  $("strength-control").hidden = !range;
-  if (!range) return fallback ?? 0;
-  [input.min, input.max, input.step] = range;
-  const start = strength ?? fallback ?? range[0] + Math.round((range[1] - range[0]) / 4 / range[2]) * range[2];
-  input.value = start;
+  $("strength-control").hidden = !slider;
+  if (!slider) return fallback ?? 0;
+  [input.min, input.max, input.step] = [slider.low, slider.high, slider.step];
+  input.value = strength ?? slider.start;
   $("strength-value").textContent = Number(input.value).toFixed(2);
   return Number(input.value);
 }

@@ -29,7 +29,6 @@ import argparse
 import ast
 import functools
 import hashlib
-import inspect
 import json
 import subprocess
 import sys
@@ -102,21 +101,25 @@ def parse_defences(specs: list[str]) -> list[tuple[str, float]]:
             raise ValueError(f"unknown defence {name!r} in {spec!r}; defences: {', '.join(defences.DEFENCES)}")
         cls = defences.DEFENCES[name]
         if not strengths:
-            if cls.default_strength is None:
-                raise ValueError(f"{spec!r}: {name} needs strengths, NAME:S1,S2,... ({cls.strength_means})")
-            out.append((name, cls.default_strength))
+            if cls.strengths.default is None:
+                raise ValueError(f"{spec!r}: {name} needs strengths, NAME:S1,S2,... ({cls.strengths.describe()})")
+            out.append((name, cls.strengths.default))
             continue
         try:
-            out += [(name, float(s)) for s in strengths.split(",")]
+            chosen = [float(s) for s in strengths.split(",")]
         except ValueError:
             raise ValueError(f"{spec!r}: strengths must be numbers separated by commas") from None
+        # Checked here against what the defence declares, not after the configurations before it have run.
+        wrong = [s for s in chosen if not cls.strengths.allows(s)]
+        if wrong:
+            raise ValueError(f"{spec!r}: {name} takes {cls.strengths.describe()}, not {', '.join(map(str, wrong))}")
+        out += [(name, s) for s in chosen]
     return out
 
 
 def parse_knobs(specs: list[str]) -> dict[str, dict]:
     """["decoder.epochs=5", "rmle.steps=100"] -> {"decoder": {"epochs": 5}, "rmle": {"steps": 100}}."""
     from splitleak.attacker.attacks import ATTACKS
-    from splitleak.attacker.replay import knobs_of
 
     knobs: dict[str, dict] = {}
     for spec in specs:
@@ -126,13 +129,13 @@ def parse_knobs(specs: list[str]) -> dict[str, dict]:
             raise ValueError(f"--knob {spec!r}: expected ATTACK.NAME=VALUE, e.g. decoder.epochs=5")
         if attack not in ATTACKS:
             raise ValueError(f"--knob {spec!r}: no attack {attack!r}; attacks: {', '.join(ATTACKS)}")
-        allowed = knobs_of(attack)
-        if knob not in allowed:
-            raise ValueError(f"{attack} has no knob {knob!r}; its knobs: {', '.join(allowed)}")
         try:
-            knobs.setdefault(attack, {})[knob] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            knobs.setdefault(attack, {})[knob] = value  # a string, such as a defence's name
+            parsed = value  # a string
+        knobs.setdefault(attack, {})[knob] = parsed
+    for attack, given in knobs.items():
+        ATTACKS[attack].check_knobs(given)  # names, types and ranges, as the attack declares them, before any run
     return knobs
 
 
@@ -241,25 +244,24 @@ def attack_scores(
 ) -> dict:
     """Invert the first of the `intercepted` frames with `attack` (ATTACK_FRAMES caps the slow ones), score them."""
     from splitleak.attacker import scoring
-    from splitleak.attacker.attacks import ATTACKS, build
-    from splitleak.attacker.replay import KNOWLEDGE, knowledge
+    from splitleak.attacker.attacks import build
+    from splitleak.attacker.replay import knowledge
 
     m = load_manifest(config.model_dir)
     frame_ids, activations, originals = (a[: settings.frames_of(attack)] for a in frames)
-    given = dict(settings.knobs_of(attack))
+    knobs = settings.knobs_of(attack)
     aux = {"aux_dataset": settings.dataset, "aux_limit": settings.aux_images, "seed": settings.seed}
-    given.update(knowledge(attack, m, config.split, **aux))
-    if "defence" in inspect.signature(ATTACKS[attack]).parameters and config.defence != "none":
-        given.update(defence=config.defence, strength=config.strength)
+    # An adaptive attack is told the defence (its class says whether it is); the others attack as they would anyway.
+    given = knowledge(attack, m, config.split, **aux, defence=config.defence, strength=config.strength)
     start = time.perf_counter()
-    attacker = build(attack, **given)
+    attacker = build(attack, **given, **knobs)
     built = time.perf_counter()
     reconstructions = attacker.invert(activations)
     inverted = time.perf_counter()
     scores = scoring.score(originals, reconstructions, manifest=m, split=config.split)
     summary = scores["summary"]
     return {
-        "knobs": {k: v for k, v in given.items() if k not in KNOWLEDGE},
+        "knobs": knobs | {k: given[k] for k in ("defence", "strength") if k in given},
         "frames": len(frame_ids),
         "psnr": summary["psnr_mean"],
         "ssim": summary["ssim_mean"],
