@@ -1,6 +1,7 @@
 """A user adds an attack and a defence without forking: one file each (tests/toys/) with one registry line, named in
 SPLITLEAK_ATTACKS and SPLITLEAK_DEFENCES, and every part of splitleak takes them as it takes its own. The toy defence
-multiplies the activation by its strength on the device; the toy attack inverts with the activation's channel mean.
+multiplies the activation by its strength on the device; the toy attack inverts with a weighted mean of the
+activation's channels.
 
 Everything runs as a user runs it, in processes of its own given the plugins in their environment: a device streaming
 through the real proxy with the toy defence, `splitleak attack` on that capture, `splitleak sweep`, and the demo with
@@ -108,8 +109,8 @@ def test_splitleak_attack_inverts_a_capture_of_a_device_running_a_plugin_defence
     summary = json.loads((tmp_path / "out" / "resnet20-cifar10.stem" / "summary.json").read_text())["summary"]
     assert summary["frames"] == FRAMES and summary["knobs"] == {"gamma": 0.8} and summary["auxiliary"] is None
     # A real inversion, if a crude one: the frames' shapes come through, as a flat grey picture's do not (measured on
-    # the tiny model: SSIM 0.175 against 0.099 for flat grey, and -0.10 with the probed sign the wrong way round). The
-    # toy defence does nothing against it, as stretching the mean to the full range of grey undoes any scale.
+    # the tiny model: SSIM 0.78 against 0.10 for flat grey). The toy defence does nothing against it, as stretching
+    # the brightness to the full range of grey undoes any scale.
     recorded = capture.read(tmp_path / "capture")
     originals = recorded.originals(recorded.activations("resnet20-cifar10.stem")[0], manifest.load(tiny_model_dir))
     flat = scoring.ssim(originals, np.full(originals.shape, 0.5, np.float32)).mean()
