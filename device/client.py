@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from splitleak.core import data, defences, link, manifest, metrics
+from splitleak.core.options import number
 from splitleak.device.control import Control
 from splitleak.device.head import Head
 from splitleak.device.stream import Cloud, DeviceError, Stream
@@ -84,12 +85,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", help="split point (default: the model's default)")
     parser.add_argument("--dataset", default=None, help="default: cifar10 from the data root, else 'embedded'")
-    parser.add_argument("--limit", type=int, default=200, help="frames to send")
-    parser.add_argument("--rate", type=float, default=0.0, help="frames per second; 0: one in flight at a time")
-    parser.add_argument("--max-rate", type=float, default=0.0, help="with --rate 0: at most this many frames a second")
+    parser.add_argument("--limit", type=number(int, at_least=1), default=200, help="frames to send")
+    parser.add_argument(
+        "--rate", type=number(at_least=0), default=0.0, help="frames per second; 0: one in flight at a time"
+    )
+    parser.add_argument(
+        "--max-rate", type=number(at_least=0), default=0.0, help="with --rate 0: at most this many frames a second"
+    )
     parser.add_argument(
         "--reconnect-s",
-        type=float,
+        type=number(at_least=0),
         default=30.0,
         help="when the cloud goes away, keep trying to reconnect for this long, then give up; 0: give up at once",
     )
@@ -102,9 +107,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--records", metavar="FILE", help="write each frame's record as a JSON line ('-': stdout)")
     parser.add_argument("--link", default="loopback", choices=list(link.PROFILES), help="link profile")
-    parser.add_argument("--bandwidth", type=float, help="override the profile's bandwidth, Mbit/s")
-    parser.add_argument("--rtt", type=float, help="override the profile's round-trip time, ms")
-    parser.add_argument("--jitter", type=float, help="override the profile's jitter (std of one-way delay), ms")
+    parser.add_argument("--bandwidth", type=number(above=0), help="override the profile's bandwidth, Mbit/s")
+    parser.add_argument("--rtt", type=number(at_least=0), help="override the profile's round-trip time, ms")
+    parser.add_argument(
+        "--jitter", type=number(at_least=0), help="override the profile's jitter (std of one-way delay), ms"
+    )
     parser.add_argument(
         "--defence",
         default="none",
@@ -117,8 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the defence's strength: "
         + "; ".join(f"{name}: {cls.strength_means}" for name, cls in defences.DEFENCES.items() if name != "none"),
     )
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the head")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=number(int, at_least=1), default=1, help="ONNX Runtime threads for the head")
+    parser.add_argument("--seed", type=number(int, at_least=0), default=0)
     parser.add_argument(
         "--json", type=Path, help="write the summary and every frame's record here, however the run ends"
     )

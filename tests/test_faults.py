@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from splitleak.core import manifest, process
+from splitleak.device import client
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ is scripts, not a package
 import netns  # noqa: E402
@@ -216,3 +217,24 @@ def test_network_namespaces_left_by_a_killed_run_are_deleted_by_the_next():
     with netns.VethPair():
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not any(name in listed for name in left)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--limit", "-5", "must be at least 1, got -5"),
+        ("--limit", "0", "must be at least 1, got 0"),
+        ("--rate", "-5", "must be at least 0, got -5"),
+        ("--max-rate", "-1", "must be at least 0, got -1"),
+        ("--threads", "0", "must be at least 1, got 0"),
+        ("--reconnect-s", "-1", "must be at least 0, got -1"),
+        ("--bandwidth", "0", "must be more than 0, got 0"),
+        ("--rate", "nan", "expected a finite number, got 'nan'"),
+        ("--limit", "2.5", "expected an integer, got '2.5'"),
+    ],
+)
+def test_a_device_option_out_of_range_is_refused_by_argparse_in_one_line(option, value, expected, capsys):
+    with pytest.raises(SystemExit) as exit:
+        client.get_args_parser().parse_args([option, value])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {option}: {expected}")
