@@ -111,7 +111,8 @@ class Simulation:
         dataset = self.dataset = data.load(s.dataset, "test")
         self.attacker = live.LiveAttacker(self.manifest, self.attacks, dataset=dataset, gallery=self._gallery())
         with socket.create_server(("127.0.0.1", 0)) as listener:
-            # Each in a session of its own: a Ctrl-C is for this process, which stops them in order.
+            # Each in a session of its own: a Ctrl-C is for this process, which stops them in order. Each dies with
+            # this process too, should it be killed before it can (splitleak.core.process.dies_with_parent).
             cloud, cloud_port = process.start_cloud([s.model_dir], own_session=True)
             self.processes["cloud"] = cloud
             feed_to = f"127.0.0.1:{listener.getsockname()[1]}"
@@ -134,6 +135,7 @@ class Simulation:
             text=True,
             bufsize=1,
             start_new_session=True,
+            preexec_fn=process.dies_with_parent(),
         )
         for target, args in (
             (self._read_feed, (connection,)),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from splitleak import cli
+from splitleak.core import metrics
 from splitleak.core.records import ANSWER, STAGES, FrameRecord
 from splitleak.study import rows, sweep
 
@@ -41,6 +42,17 @@ def test_an_answered_frame_has_every_stage_and_a_refused_one_only_the_device_s()
     assert list(refused.stages_ms()) == ["preprocess", "head", "defence", "encode"]
     assert not set(ANSWER) & set(refused.to_json())  # as the device has always written a refused frame
     assert FrameRecord.from_json(refused.to_json()) == refused
+
+
+def test_a_frame_sent_again_or_never_answered_says_so_and_a_plain_one_writes_what_it_always_did():
+    plain = FrameRecord(**SENT, error="unknown model")
+    assert not {"resent", "unanswered"} & set(plain.to_json())
+    lost = FrameRecord(**SENT, resent=2, unanswered=True)
+    assert lost.to_json()["resent"] == 2 and lost.to_json()["unanswered"] is True
+    assert not set(ANSWER) & set(lost.to_json()) and FrameRecord.from_json(lost.to_json()) == lost
+    summary = metrics.summarize([plain, lost])
+    assert (summary["frames"], summary["errors"], summary["unanswered"], summary["resent"]) == (2, 1, 1, 2)
+    assert summary["accuracy"] is None and summary["stages_ms"] == {}  # neither has an answer to time
 
 
 def test_a_device_s_json_file_and_records_lines_load_into_frame_records_with_every_field(

@@ -10,12 +10,16 @@ from splitleak.core.records import STAGES, FrameRecord
 
 
 def summarize(records: Sequence[FrameRecord]) -> dict:
-    """Median and p95 of each stage (ms), mean bytes per frame each way, accuracy over the labelled frames."""
-    done = [r for r in records if r.error is None]
+    """Median and p95 of each stage (ms), mean bytes per frame each way, accuracy over the labelled frames, all of
+    the frames answered without an error; those the cloud refused (errors), never answered (the run ended first) or
+    were sent again after a break (resent) are counted."""
+    done = [r for r in records if r.error is None and not r.unanswered]
     labelled = [r for r in done if r.label >= 0]
     summary: dict = {
         "frames": len(records),
-        "errors": len(records) - len(done),
+        "errors": sum(r.error is not None for r in records),
+        "unanswered": sum(r.unanswered for r in records),
+        "resent": sum(r.resent for r in records),
         "accuracy": float(np.mean([r.prediction == r.label for r in labelled])) if labelled else None,
         "labelled": len(labelled),
         "bytes_up": float(np.mean([r.bytes_up for r in done])) if done else None,
@@ -34,7 +38,13 @@ def summarize(records: Sequence[FrameRecord]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"frames: {summary['frames']} ({summary['errors']} errors)"]
+    unanswered = f", {summary['unanswered']} unanswered" if summary.get("unanswered") else ""
+    lines = [f"frames: {summary['frames']} ({summary['errors']} errors{unanswered})"]
+    if summary.get("reconnects"):
+        lines.append(
+            f"reconnects: {summary['reconnects']} ({summary['resent']} frames sent again, "
+            f"{summary['duplicate_answers']} duplicate answers ignored)"
+        )
     if summary["accuracy"] is not None:
         lines.append(f"accuracy: {summary['accuracy']:.4f} over {summary['labelled']} labelled frames")
     if summary["bytes_up"] is not None:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, fields
 STAGES = ("preprocess", "head", "defence", "encode", "uplink", "cloud", "downlink", "total")
 # The fields the cloud's answer fills in.
 ANSWER = ("prediction", "bytes_down", "end_ns", "uplink_ms", "cloud_ms", "downlink_ms", "total_ms")
+# What only a run with a break or a stop has: left out of the JSON at their defaults, so that a run without either
+# writes what the device always wrote.
+MISHAP = {"resent": 0, "unanswered": False}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +34,7 @@ class FrameRecord:
     defence: str  # the run-time defence applied to its activation
     strength: float  # the defence's strength
     start_ns: int  # when the device began on it
-    error: str | None = None  # why the cloud refused it; None when it answered
+    error: str | None = None  # why the cloud refused it; None when it answered (or never did: see unanswered)
     preprocess_ms: float  # resizing and normalising the picture
     head_ms: float  # ONNX Runtime running the head
     defence_ms: float  # the defence's transform
@@ -46,6 +49,9 @@ class FrameRecord:
     cloud_ms: float | None = None  # the cloud's own time: restoring the activation and running the tail
     downlink_ms: float | None = None  # from the cloud sending the answer until it arrived
     total_ms: float | None = None  # from start_ns to end_ns
+    # Known when the run ends.
+    resent: int = 0  # times it was sent again after the stream to the cloud broke (device_send_ns is the last time)
+    unanswered: bool = False  # the run ended (failed or stopped) before any answer came
 
     def stages_ms(self) -> dict[str, float]:
         """Each stage's time, by its name in STAGES; only the device's own stages when the cloud refused the frame."""
@@ -62,12 +68,14 @@ class FrameRecord:
         return {stage: ms for stage, ms in stages.items() if ms is not None}
 
     def to_json(self) -> dict:
-        """The JSON object the device writes: every field by its name, the answer's left out on a refused frame."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ANSWER or getattr(self, f.name) is not None
-        }
+        """The JSON object the device writes: every field by its name, the answer's left out on a refused or
+        unanswered frame, `resent` and `unanswered` left out at their defaults."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not ((f.name in ANSWER and value is None) or (f.name in MISHAP and value == MISHAP[f.name])):
+                out[f.name] = value
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> FrameRecord:

@@ -198,7 +198,7 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[
             "--seed", str(settings.seed),
             "--json", str(out),
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=process.dies_with_parent())
         if done.returncode != 0:
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
