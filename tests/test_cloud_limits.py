@@ -231,15 +231,15 @@ def test_a_port_already_held_is_refused_in_one_line_by_a_second_cloud_and_by_a_p
     [
         (server, ["--port", "70000"], "argument --port: 70000 is not a port"),
         (server, ["--port", "-1"], "argument --port: -1 is not a port"),
-        (server, ["--workers", "0"], "argument --workers: 0 is not a positive whole number"),
-        (server, ["--threads", "two"], "argument --threads: 'two' is not a number"),
-        (server, ["--max-streams", "0"], "argument --max-streams: 0 is not a positive whole number"),
-        (server, ["--idle-timeout", "0"], "argument --idle-timeout: 0 is not a positive number"),
-        (server, ["--grace", "nan"], "argument --grace: nan is not a number of seconds"),
+        (server, ["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+        (server, ["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+        (server, ["--max-streams", "0"], "argument --max-streams: must be at least 1, got 0"),
+        (server, ["--idle-timeout", "0"], "argument --idle-timeout: must be more than 0, got 0"),
+        (server, ["--grace", "nan"], "argument --grace: expected a finite number, got 'nan'"),
         (proxy, ["--cloud", "garbage"], "argument --cloud: 'garbage' is not HOST:PORT"),
         (proxy, ["--cloud", "127.0.0.1:0"], "argument --cloud: '127.0.0.1:0' is not HOST:PORT"),
         (proxy, ["--cloud", "h:1", "--listen-port", "65536"], "argument --listen-port: 65536 is not a port"),
-        (proxy, ["--cloud", "h:1", "--queue", "0"], "argument --queue: 0 is not a positive whole number"),
+        (proxy, ["--cloud", "h:1", "--queue", "0"], "argument --queue: must be at least 1, got 0"),
     ],
 )
 def test_command_line_values_that_make_no_sense_are_one_line_of_usage(module, argv, complaint, capsys):

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from splitleak.core.options import number
+
 MAX_STREAMS = 256
 MAX_STREAMS_PER_CONNECTION = 16
 IDLE_TIMEOUT_S = 60.0
@@ -248,7 +250,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def port_number(text: str) -> int:
-    port = _number(text, int)
+    port = number(int)(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port: 1 to 65535, or 0 for any free one")
     return port
@@ -262,29 +264,7 @@ def target(text: str) -> str:
     return text
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
-
-
-def _number(text: str, kind: type):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+# Numbers with a range: splitleak.core.options.number, shared with the device's options.
+positive_int = number(int, at_least=1)
+positive_float = number(float, above=0)
+non_negative_float = number(float, at_least=0)
