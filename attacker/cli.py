@@ -13,7 +13,7 @@ TOOLS = {
     "proxy": ("splitleak.attacker.proxy", "man in the middle: forward device <-> cloud and capture every activation"),
     "train-decoder": (
         "splitleak.attacker.train_decoder",
-        "train the decoder attack for a model's split points and export it to ONNX for the live attacker",
+        "train an exportable attack (the decoder by default) for a model's split points and export it to ONNX",
     ),
 }
 

@@ -6,31 +6,39 @@ inference request in a capture (splitleak.core.capture), or sends it as it happe
 
 Each side gets what the other sent: messages are never parsed on the way through (the handlers take and return
 bytes); replies, status codes, details and metadata come back as the cloud sent them; the device's metadata (less
-gRPC's own headers, such as user-agent), deadline and cancellation are passed on to the cloud.
+gRPC's own headers, such as user-agent), deadline and cancellation are passed on to the cloud. Each device
+connection gets a connection of its own to the cloud, so the cloud sees, and bounds, each device as it would
+without the proxy.
 The copies of ModelInfer and ModelStreamInfer requests go to a bounded queue (CaptureSink) that another thread
 drains, so a slow disk drops copies (counted) instead of delaying the device.
 Methods the proxy does not know are forwarded as bidirectional streams, which carry any cardinality on the wire.
 The proxy answers gRPC health checks itself, like the cloud.
+
+Like the cloud, it is a grpc.aio server with the bounds of splitleak.core.serving, so idle streams cannot starve it:
+open inference calls per connection and in all, and an idle timeout (no message either way for that long). On
+SIGTERM it stops taking requests, relays the cloud's answers to those it has forwarded, and ends within the grace
+period.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import functools
+import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitleak.attacker.feed import FeedSender
-from splitleak.core import process, transport
+from splitleak.core import process, serving, transport
 from splitleak.core.capture import CaptureSink, CaptureWriter
 from splitleak.protos import inference_pb2 as pb
 
@@ -42,55 +50,98 @@ CAPTURED_METHODS = frozenset(f"/{_SERVICE.full_name}/{name}" for name in ("Model
 _HOP_BY_HOP = ("user-agent", "grpc-", ":")
 # A call without a deadline reports one some 292 years away.
 _NO_DEADLINE_S = 1e9
+# The cloud reads messages a little over the limit to answer them in-band; so the proxy must pass them on.
+_UPSTREAM_OPTIONS = [
+    *(option for option in transport.OPTIONS if option[0] != "grpc.max_send_message_length"),
+    ("grpc.max_send_message_length", transport.MAX_RECEIVE_BYTES),
+    # A connection of this channel's own, not one shared with every channel to the same cloud.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+# How long a device's connection to the cloud is kept after its last call: a device's calls come moments apart
+# (its check, then its stream), and a unary call should not pay for a new connection each time.
+LINGER_S = 10.0
+
+log = logging.getLogger("splitleak.proxy")
 
 
 class Proxy:
-    """A transparent gRPC proxy to `cloud` that hands a copy of every inference request to `sink`."""
+    """A transparent gRPC proxy to `cloud` that hands a copy of every inference request to `sink`.
+
+    It serves on an event loop of its own, on a thread, so that it can be started and stopped from plain code."""
 
     def __init__(
-        self, cloud: str, sink: CaptureSink, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16
+        self,
+        cloud: str,
+        sink: CaptureSink,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: serving.Limits | None = None,
     ) -> None:
         self.cloud = cloud
         self.sink = sink
         self.host = host
         self.port = port  # the one it listens on, once started
-        self._channel = transport.channel(cloud)
-        self._forwarder = _Forwarder(self._channel, sink)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=transport.OPTIONS)
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        # Registered services (health) are looked up first; every other method falls through to the forwarder.
-        self._server.add_generic_rpc_handlers((self._forwarder,))
+        # Its refusals name the cloud: the device is not to tell the proxy from the cloud it stands in for.
+        self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
+        self._forwarder = _Forwarder(cloud, sink, self.gate)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
 
     def start(self) -> int:
-        """Start listening; returns the port."""
-        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
-        if bound == 0:
-            raise OSError(f"cannot listen on {self.host}:{self.port}")
-        self.port = bound
-        self._server.start()
-        for name in ("", transport.SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return bound
+        """Start listening; returns the port. OSError, in one line, if it cannot."""
+        self._thread.start()
+        try:
+            self.port = self._call(self._start())
+        except OSError:
+            self._end_loop()
+            raise
+        return self.port
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking calls and let those in flight finish (up to `grace_s`). The sink is its owner's to close."""
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace_s).wait()
-        self._channel.close()
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls and relay the answers to those in flight (up to the grace period). The sink is its
+        owner's to close."""
+        self._call(self._stop(self.gate.limits.grace_s if grace_s is None else grace_s))
+        self._end_loop()
 
     @property
     def stats(self) -> dict[str, int]:
         return {"forwarded": self._forwarder.forwarded, **self.sink.stats}
 
+    async def _start(self) -> int:
+        self._server = grpc.aio.server(options=transport.SERVER_OPTIONS)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # Registered services (health) are looked up first; every other method falls through to the forwarder.
+        self._server.add_generic_rpc_handlers((self._forwarder,))
+        port = serving.listen(self._server, self.host, self.port)
+        await self._server.start()
+        for name in ("", transport.SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    async def _stop(self, grace_s: float) -> None:
+        self.gate.stopping.set()
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        await self._forwarder.close()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
 
 class _Forwarder(grpc.GenericRpcHandler):
-    def __init__(self, channel: grpc.Channel, sink: CaptureSink) -> None:
-        self.channel = channel
+    def __init__(self, cloud: str, sink: CaptureSink, gate: serving.Gate) -> None:
+        self.cloud = cloud
         self.sink = sink
+        self.gate = gate
         self.forwarded = 0  # request messages passed on to the cloud
-        self._lock = threading.Lock()
-        self._upstream: dict[str, grpc.UnaryUnaryMultiCallable | grpc.StreamStreamMultiCallable] = {}
+        self._channels: dict[str, _Upstream] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
@@ -98,65 +149,160 @@ class _Forwarder(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, method))
         return grpc.stream_stream_rpc_method_handler(functools.partial(self._stream, method))
 
-    def _unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._passed(method, request)
-        call = self._upstream_call(method, unary=True).future(
-            request, timeout=_timeout(context), metadata=_metadata(context)
-        )
-        context.add_callback(call.cancel)  # the device hung up: so does the proxy
-        try:
-            response = call.result()
-        except grpc.RpcError as e:
-            _relay_error(context, e)
-        except grpc.FutureCancelledError:
-            context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
-        context.send_initial_metadata(call.initial_metadata())
-        context.set_trailing_metadata(call.trailing_metadata())
-        return response
-
-    def _stream(self, method: str, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        def requests() -> Iterator[bytes]:
-            for request in request_iterator:
+    async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with self.gate.call(context, method, counted=method in CAPTURED_METHODS) as admitted:
+            if admitted:
                 self._passed(method, request)
-                yield request
+                async with self._upstream(context.peer()) as channel:
+                    call = channel.unary_unary(method)(request, timeout=_timeout(context), metadata=_metadata(context))
+                    try:
+                        response = await call
+                    except grpc.RpcError as e:
+                        _relay_error(context, e)
+                        return b""
+                    await context.send_initial_metadata(await call.initial_metadata())
+                    context.set_trailing_metadata(tuple(await call.trailing_metadata()))
+                    return response
+        return b""  # the status says why
 
-        call = self._upstream_call(method, unary=False)(
-            requests(), timeout=_timeout(context), metadata=_metadata(context)
-        )
-        context.add_callback(call.cancel)
-        try:
-            context.send_initial_metadata(call.initial_metadata())
-            yield from call
-        except grpc.RpcError as e:
-            _relay_error(context, e)
-        context.set_trailing_metadata(call.trailing_metadata())
+    async def _stream(self, method: str, requests, context: grpc.aio.ServicerContext) -> None:
+        counted = method in CAPTURED_METHODS or method not in _CARDINALITY
+        async with self.gate.call(context, method, counted=counted) as admitted:
+            if admitted:
+                async with self._upstream(context.peer()) as channel:
+                    call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
+                    reader = serving.Reader(context, self.gate.stopping)
+                    passed = functools.partial(self._passed, method)
+                    await _Relay(context, call, reader, self.gate.limits.idle_timeout_s, passed).run()
 
     def _passed(self, method: str, request: bytes) -> None:
         if method in CAPTURED_METHODS:
             self.sink.put(request, time.time_ns())
-        with self._lock:
-            self.forwarded += 1
+        self.forwarded += 1
 
-    def _upstream_call(self, method: str, *, unary: bool):
-        # Without serializers a multi-callable takes and returns bytes: nothing is parsed on the way through.
-        if method not in self._upstream:
-            make = self.channel.unary_unary if unary else self.channel.stream_stream
-            self._upstream[method] = make(method)
-        return self._upstream[method]
+    @contextlib.asynccontextmanager
+    async def _upstream(self, peer: str):
+        """The channel to the cloud that carries this device connection's calls."""
+        upstream = self._channels.get(peer)
+        if upstream is None:
+            upstream = self._channels[peer] = _Upstream(
+                grpc.aio.insecure_channel(self.cloud, options=_UPSTREAM_OPTIONS)
+            )
+        upstream.enter()
+        try:
+            yield upstream.channel
+        finally:
+            if upstream.leave():
+                upstream.close_at = asyncio.get_running_loop().call_later(LINGER_S, self._close, peer, upstream)
+
+    def _close(self, peer: str, upstream: _Upstream) -> None:
+        if self._channels.get(peer) is upstream:
+            del self._channels[peer]
+        asyncio.ensure_future(upstream.channel.close())
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for upstream in channels:
+            if upstream.close_at is not None:
+                upstream.close_at.cancel()
+            await upstream.channel.close()
 
 
-def _timeout(context: grpc.ServicerContext) -> float | None:
+class _Relay:
+    """One stream both ways: the device's requests up, the cloud's answers down, then the cloud's status.
+
+    It is idle when no message has gone either way for the idle timeout: a device waiting for its answer is not."""
+
+    def __init__(self, context, call, reader: serving.Reader, idle_s: float, passed) -> None:
+        self.context, self.call, self.reader = context, call, reader
+        self.idle_s = idle_s
+        self.passed = passed  # called with each request on its way to the cloud
+        self.loop = asyncio.get_running_loop()
+        self.last_message = self.loop.time()
+
+    async def run(self) -> None:
+        """Relay until the cloud ends the call; raises Idle, Stalled or Stopping for the gate to end the stream."""
+        up, down = asyncio.ensure_future(self._up()), asyncio.ensure_future(self._down())
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if up.done() and up.exception() is None:
+                await asyncio.wait({down})  # the device has sent all it will: relay the rest of the answers
+            stopped = up.done() and up.result()  # raises Idle
+            down.result()
+        except grpc.RpcError as e:
+            _relay_error(self.context, e)
+            return
+        finally:
+            up.cancel()
+            down.cancel()
+            self.call.cancel()
+            self.reader.close()
+        self.context.set_trailing_metadata(tuple(await self.call.trailing_metadata()))
+        if stopped:
+            raise serving.Stopping()
+
+    async def _up(self) -> bool:
+        """The device's requests to the cloud, until it has sent its last; True if the proxy stopped first."""
+        stopped = False
+        try:
+            while True:
+                remaining = self.last_message + self.idle_s - self.loop.time()
+                if remaining <= 0:
+                    raise serving.Idle()
+                try:
+                    request = await self.reader.next(remaining)
+                except serving.Idle:
+                    continue  # an answer may have come meanwhile: look again
+                except serving.Stopping:
+                    stopped, request = True, None
+                if request is None:
+                    await self.call.done_writing()
+                    return stopped
+                self.last_message = self.loop.time()
+                self.passed(request)
+                await self.call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return stopped  # the cloud has ended the call; _down relays how
+
+    async def _down(self) -> None:
+        await self.context.send_initial_metadata(await self.call.initial_metadata())
+        while (response := await self.call.read()) is not grpc.aio.EOF:
+            self.last_message = self.loop.time()
+            await serving.send(self.context, response, self.idle_s)
+
+
+class _Upstream:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.calls = 0
+        self.close_at: asyncio.TimerHandle | None = None
+
+    def enter(self) -> None:
+        self.calls += 1
+        if self.close_at is not None:
+            self.close_at.cancel()
+            self.close_at = None
+
+    def leave(self) -> bool:
+        """True when that was its last call."""
+        self.calls -= 1
+        return self.calls == 0
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
 
 
-def _metadata(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
+def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
     return [(key, value) for key, value in context.invocation_metadata() if not key.startswith(_HOP_BY_HOP)]
 
 
-def _relay_error(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
-    context.set_trailing_metadata(error.trailing_metadata() or ())
-    context.abort(error.code(), error.details() or "")
+def _relay_error(context: grpc.aio.ServicerContext, error: grpc.RpcError) -> None:
+    """The cloud's status as the call's own (set, not raised: see serving.Gate.fail)."""
+    context.set_trailing_metadata(tuple(error.trailing_metadata() or ()))
+    context.set_code(error.code())
+    context.set_details(error.details() or "")
 
 
 def start_process(
@@ -179,22 +325,31 @@ def start_process(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen-port", type=int, default=8001, help="where the device connects; 0 picks a free one")
+    parser.add_argument(
+        "--listen-port", type=serving.port_number, default=8001, help="where the device connects; 0 picks a free one"
+    )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the real cloud")
+    parser.add_argument("--cloud", type=serving.target, required=True, metavar="HOST:PORT", help="the real cloud")
     parser.add_argument("--capture", type=Path, help="capture folder to write (must not hold one)")
     parser.add_argument(
         "--feed", metavar="HOST:PORT", help="also send every captured request, as it happens, to a consumer there"
     )
     parser.add_argument("--dataset", help="the data set the device's frames come from, if known (for scoring)")
-    parser.add_argument("--queue", type=int, default=1024, help="requests waiting to be written before copies drop")
-    parser.add_argument("--workers", type=int, default=16, help="concurrent RPCs (each open stream holds one)")
+    parser.add_argument(
+        "--queue", type=serving.positive_int, default=1024, help="requests waiting to be written before copies drop"
+    )
+    serving.Limits.add_arguments(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.capture is None and args.feed is None:
         print("proxy: say where the captures go: --capture DIR, --feed HOST:PORT, or both", file=sys.stderr)
+        return 2
+    try:
+        serving.check_port(args.host, args.listen_port)  # before the capture folder is made, so a retry finds none
+    except OSError as e:
+        print(f"proxy: {e}", file=sys.stderr)
         return 2
     try:
         feed = args.feed and FeedSender(args.feed)
@@ -206,19 +361,29 @@ def main(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 1
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(logging.Formatter("proxy: %(message)s"))
+    log.addHandler(errors)
+    log.propagate = False
     sink = CaptureSink(writer, maxsize=args.queue, on_capture=[feed] if feed else None)
-    proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, max_workers=args.workers)
+    proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, limits=serving.Limits.from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    port = proxy.start()
-    taps = [f"capturing to {args.capture}"] * bool(args.capture) + [f"feeding {args.feed}"] * bool(args.feed)
-    print(f"proxy listening on {args.host}:{port} forwarding to {args.cloud}, {' and '.join(taps)}", flush=True)
-    stop.wait()
-    proxy.stop()
+    code = 0
+    try:
+        port = proxy.start()
+    except OSError as e:
+        print(f"proxy: {e}", file=sys.stderr)
+        code = 2
+    else:
+        taps = [f"capturing to {args.capture}"] * bool(args.capture) + [f"feeding {args.feed}"] * bool(args.feed)
+        print(f"proxy listening on {args.host}:{port} forwarding to {args.cloud}, {' and '.join(taps)}", flush=True)
+        stop.wait()
+        proxy.stop()
     sink.close()
     stats = proxy.stats | (feed.stats if feed else {})
     if feed:
         feed.close()
     print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr, flush=True)
-    return 0
+    return code

@@ -4,8 +4,9 @@ The attacker has the capture (splitleak.core.capture), the exported model folder
 heads, and the manifest that says how frames are normalised), and, for attacks that train, auxiliary images of the
 same kind: by default the *train* split of the data set the victim's frames come from, which are drawn from the test
 split, so no victim frame is ever trained on; attacks that train through the cloud's classifier (`shadow`) also get
-their labels. Knobs are read off each attack's constructor, so `--help` lists them all and a new attack's knobs need
-no code here.
+their labels; an adaptive attack is told the defence with `--defence` and `--strength`. What each attack is given and
+its knobs are read from its class's declarations (splitleak.attacker.attacks.base), so `--help` lists every knob and
+a new attack needs no code here.
 
 Writes, per served model (NAME.SPLIT) in the capture, `reconstructions.png` and `summary.json` under --out.
 """
@@ -13,8 +14,8 @@ Writes, per served model (NAME.SPLIT) in the capture, `reconstructions.png` and 
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,8 @@ import numpy as np
 from splitleak.attacker import scoring
 from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.core import capture as capture_format
-from splitleak.core import data, manifest
+from splitleak.core import data, defences, manifest
 from splitleak.core.facts import IDENTITY_DATASETS
-
-# What an attack is given rather than tuned with: the CLI fills these in, never the user.
-KNOWLEDGE = ("manifest", "split", "auxiliary", "auxiliary_labels", "progress")
-
-
-def knobs_of(attack: str) -> dict[str, inspect.Parameter]:
-    """The keyword-only knobs of an attack's constructor, less the knowledge the CLI fills in."""
-    parameters = inspect.signature(ATTACKS[attack]).parameters
-    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name not in KNOWLEDGE}
 
 
 def auxiliary_images(dataset: str, m: manifest.Manifest, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -52,23 +44,33 @@ def auxiliary_set(
 
 
 def knowledge(
-    attack: str, m: manifest.Manifest, split: str, *, aux_dataset: str | None, aux_limit: int | None, seed: int = 0
+    attack: str,
+    m: manifest.Manifest,
+    split: str,
+    *,
+    aux_dataset: str | None,
+    aux_limit: int | None,
+    seed: int = 0,
+    defence: str = "none",
+    strength: float | None = None,
 ) -> dict:
-    """What `attack` is given to know (KNOWLEDGE, less `progress`): the model and split point, and, for an attack that
-    trains on auxiliary images, `aux_limit` of `aux_dataset`'s train split, with their labels where it needs them."""
-    parameters = inspect.signature(ATTACKS[attack]).parameters
+    """What `attack` is given to know, as its class declares: the model and split point; `aux_limit` of `aux_dataset`'s
+    train split, with their labels, where it needs them; and the defence, where it is adaptive (else it is not told)."""
+    cls = ATTACKS[attack]
     given: dict = {"manifest": m, "split": split}
-    if "auxiliary" in parameters:
+    if cls.needs_auxiliary:
         if aux_dataset is None:
             raise ValueError(f"{attack} trains on auxiliary images: the capture names no data set, so give one")
         given["auxiliary"], labels = auxiliary_set(aux_dataset, m, aux_limit, seed)
-        if "auxiliary_labels" in parameters:
+        if cls.needs_labels:
             if labels is None:
                 raise ValueError(
                     f"{attack} trains through the model's classifier, so its auxiliary images need the model's labels, "
                     f"but {aux_dataset}'s classes are not {m.name}'s"
                 )
             given["auxiliary_labels"] = labels
+    if cls.adaptive and defence != "none":
+        given.update(defence=defence, strength=strength)
     return given
 
 
@@ -82,9 +84,12 @@ def replay(
     aux_limit: int | None = None,
     limit: int | None = None,
     knobs: dict | None = None,
+    defence: str = "none",
+    strength: float | None = None,
     progress: bool = False,
 ) -> dict:
-    """Invert the activations that `capture` holds for `served_name` and score them against the originals.
+    """Invert the activations that `capture` holds for `served_name` and score them against the originals; an
+    adaptive attack is told `defence` at `strength` (other attacks are not: they model no defence).
 
     Returns {"originals", "reconstructions", "per_image", "summary"}; the summary also says what ran and how long."""
     m = manifest.load(model_dir)
@@ -99,12 +104,11 @@ def replay(
     dataset = capture.meta.get("dataset")
     originals = capture.originals(frame_ids, m)  # fails now, not after training, if the capture names no data set
     aux_dataset = aux_dataset or dataset
-    given = dict(knobs or {}, **knowledge(attack, m, split, aux_dataset=aux_dataset, aux_limit=aux_limit))
-    if "progress" in inspect.signature(ATTACKS[attack]).parameters:
-        given["progress"] = progress
+    aux = {"aux_dataset": aux_dataset, "aux_limit": aux_limit}
+    given = knowledge(attack, m, split, **aux, defence=defence, strength=strength)
 
     start = time.perf_counter()
-    attacker = build(attack, **given)
+    attacker = build(attack, **given, **(knobs or {}), progress=progress)
     built = time.perf_counter()
     reconstructions = attacker.invert(activations)
     inverted = time.perf_counter()
@@ -130,6 +134,7 @@ def replay(
         "capture": str(capture.path),
         "dataset": dataset,
         "knobs": knobs or {},
+        "defence": {"name": given["defence"], "strength": given["strength"]} if "defence" in given else None,
         "auxiliary": None if "auxiliary" not in given else {"dataset": aux_dataset, "images": len(given["auxiliary"])},
         **scores["summary"],
         "seconds_build": built - start,
@@ -154,35 +159,68 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aux-limit", type=int, help="use this many auxiliary images, drawn at random")
     parser.add_argument("--limit", type=int, help="invert the first N captured frames only")
     parser.add_argument("--out", type=Path, help="default: CAPTURE.ATTACK next to the capture")
-    knobs = parser.add_argument_group("attack knobs (each attack takes its own; defaults per attack)")
-    seen: dict[str, dict[str, object]] = {}
-    for attack in ATTACKS:
-        for name, p in knobs_of(attack).items():
-            seen.setdefault(name, {})[attack] = p.default
-    for name, defaults in seen.items():
-        example = next(iter(defaults.values()))
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(example, bool) else {"type": type(example)}
-        knobs.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            default=argparse.SUPPRESS,
-            **kind,
-            help=", ".join(f"{attack}: {default}" for attack, default in defaults.items()),
-        )
+    add_knob_arguments(parser, ATTACKS)
+    told = parser.add_argument_group(
+        f"what an adaptive attack ({', '.join(a for a, cls in ATTACKS.items() if cls.adaptive)}) is told"
+    )
+    told.add_argument("--defence", default="none", choices=list(defences.DEFENCES), help="the device's defence")
+    told.add_argument("--strength", type=float, help="its strength (see splitleak device --help)")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
-    allowed = knobs_of(args.attack)
-    knobs = {name: getattr(args, name) for name in allowed if hasattr(args, name)}
-    foreign = sorted(
-        name for attack in ATTACKS for name in knobs_of(attack) if hasattr(args, name) and name not in allowed
-    )
-    if foreign:
-        raise SystemExit(
-            f"{args.attack} has no knob {', '.join('--' + n.replace('_', '-') for n in foreign)}; "
-            f"its knobs: {', '.join('--' + n.replace('_', '-') for n in allowed) or 'none'}"
+def add_knob_arguments(parser: argparse.ArgumentParser, attacks: Iterable[str]) -> None:
+    """An option for every knob that `attacks` declare, defaults per attack in its help; `knobs_from_args` reads them.
+    Each value stays a string here and takes the type the chosen attack declares for it."""
+    group = parser.add_argument_group("attack knobs (each attack takes its own; defaults per attack)")
+    seen: dict[str, dict[str, object]] = {}
+    for attack in attacks:
+        for name, default in ATTACKS[attack].knob_defaults().items():
+            seen.setdefault(name, {})[attack] = default
+    for name, defaults in seen.items():
+        flag = all(isinstance(d, bool) for d in defaults.values())
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            **({"action": argparse.BooleanOptionalAction} if flag else {}),
+            help=", ".join(f"{attack}: {default}" for attack, default in defaults.items()),
         )
+
+
+def knobs_from_args(args: argparse.Namespace, attack: str) -> dict:
+    """The knobs given on the command line, of the types `attack` declares; ValueError for one it has not."""
+    types = ATTACKS[attack].knob_types()
+    given = {name: getattr(args, name) for name in knob_names() if hasattr(args, name)}
+    foreign = sorted(set(given) - set(types))
+    if foreign:
+        raise ValueError(
+            f"{attack} has no knob {', '.join(option(n) for n in foreign)}; "
+            f"its knobs: {', '.join(option(n) for n in types) or 'none'}"
+        )
+    knobs = {}
+    for name, value in given.items():
+        try:
+            knobs[name] = value if isinstance(value, bool) else types[name](value)
+        except ValueError:
+            raise ValueError(f"{option(name)} is a {types[name].__name__} for {attack}, not {value!r}") from None
+    return knobs
+
+
+def knob_names() -> set[str]:
+    return {name for cls in ATTACKS.values() for name in cls.knob_types()}
+
+
+def option(knob: str) -> str:
+    return "--" + knob.replace("_", "-")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        knobs = knobs_from_args(args, args.attack)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.defence != "none" and not ATTACKS[args.attack].adaptive:
+        raise SystemExit(f"{args.attack} does not model a defence, so --defence means nothing to it")
     capture = capture_format.read(args.capture)
     models = [args.model] if args.model else capture.models()
     if not models:
@@ -199,6 +237,8 @@ def main(args: argparse.Namespace) -> int:
             aux_limit=args.aux_limit,
             limit=args.limit,
             knobs=knobs,
+            defence=args.defence,
+            strength=args.strength,
             progress=True,
         )
         paths = scoring.write_report(

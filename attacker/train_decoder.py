@@ -1,9 +1,11 @@
-"""Train the black-box decoder for split points of a model and export each to ONNX (`splitleak attacker train-decoder`).
+"""Train an attack for split points of a model and export it to ONNX (`splitleak attacker train-decoder`).
 
-Each is the `decoder` attack (splitleak.attacker.attacks.decoder, He et al. 2019) trained with the given knobs on
-auxiliary images, the train split of --aux-dataset, then exported as `SPLIT.decoder.onnx` with one input,
-`activation` (batch first, as intercepted), and one output, `reconstruction` (N, H, W, C in [0, 1], as
-`Attack.invert` returns it). The live attacker (splitleak.attacker.live) runs these files with ONNX Runtime, no torch.
+An attack whose inverse is one network declares itself `exportable` (splitleak.attacker.attacks.base): the decoder
+(splitleak.attacker.attacks.decoder, He et al. 2019), which is the default, or one a plugin registers. Each is built
+with the given knobs, and with auxiliary images (the train split of --aux-dataset) where it declares that it needs
+them, then exported as `SPLIT.ATTACK.onnx` with one input, `activation` (batch first, as intercepted), and one output,
+`reconstruction` (N, H, W, C in [0, 1], as `Attack.invert` returns it). The live attacker (splitleak.attacker.live)
+runs these files with ONNX Runtime, no torch, so the demo shows every attack exported here.
 
 Each file's metadata says what the live attacker shows and checks (see splitleak.attacker.live.METADATA): the attack
 and what it knows, the model, split and sha256 of the head it inverts, the knobs, the command that reproduces it,
@@ -24,24 +26,28 @@ import torch
 from torch import nn
 
 from splitleak.attacker import live, scoring
-from splitleak.attacker.attacks import build
+from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.attacker.attacks.base import query, session
-from splitleak.attacker.replay import auxiliary_images, knobs_of
+from splitleak.attacker.replay import add_knob_arguments, knobs_from_args, knowledge, option
 from splitleak.core import data, manifest
 from splitleak.model.export import export_onnx
 
-ATTACK = "decoder"
+DEFAULT_ATTACK = "decoder"
 
 
 class ChannelsLast(nn.Module):
-    """The decoder with its output in NHWC, the layout reconstructions have everywhere else."""
+    """An attack's network with its output in NHWC, the layout reconstructions have everywhere else."""
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        self.decoder = decoder
+        self.network = network
 
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
-        return self.decoder(activation).permute(0, 2, 3, 1)  # (B, H, W, C)
+        return self.network(activation).permute(0, 2, 3, 1)  # (B, H, W, C)
+
+
+def exportable() -> list[str]:
+    return [name for name, cls in ATTACKS.items() if cls.exportable]
 
 
 def held_out_frames(dataset: str, m: manifest.Manifest, limit: int, seed: int = 0) -> np.ndarray:
@@ -52,34 +58,38 @@ def held_out_frames(dataset: str, m: manifest.Manifest, limit: int, seed: int = 
 
 
 def train_and_export(
-    m: manifest.Manifest,
-    split: str,
+    attack_name: str,
+    given: dict,
     out: Path,
     *,
-    auxiliary: np.ndarray,
     aux_dataset: str,
     held_out: np.ndarray,
     knobs: dict,
     command: str,
     progress: bool = False,
 ) -> dict:
-    """Train the decoder for `split`, export it to `out` and score the exported file; returns its metadata."""
+    """Build `attack_name` with what it is `given` to know and `knobs`, export it to `out` and score the exported
+    file; returns its metadata."""
     start = time.perf_counter()
-    attack = build(ATTACK, manifest=m, split=split, auxiliary=auxiliary, progress=progress, **knobs)
+    attack = build(attack_name, **given, **knobs, progress=progress)
     seconds = time.perf_counter() - start
+    m = attack.manifest
     example = torch.zeros(2, *attack.split.activation_shape)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(ChannelsLast(attack.decoder), example, out, "activation", "reconstruction")
+    export_onnx(ChannelsLast(attack.network()), example, out, "activation", "reconstruction")
 
     inverse = live.ExportedInverse(out)
     reconstructions = inverse.invert(query(session(attack.split.head), m, held_out))
+    auxiliary = given.get("auxiliary")
     metadata = {
-        "attack": ATTACK,
+        "attack": attack_name,
         "knowledge": attack.knowledge,
         "model": m.name,
-        "split": split,
+        "split": attack.split.name,
         "head_sha256": manifest.sha256(attack.split.head),
-        "auxiliary": json.dumps({"dataset": f"{aux_dataset} (train)", "images": len(auxiliary)}),
+        "auxiliary": json.dumps(
+            None if auxiliary is None else {"dataset": f"{aux_dataset} (train)", "images": len(auxiliary)}
+        ),
         "knobs": json.dumps(knobs, sort_keys=True),
         "command": command,
         "train_seconds": f"{seconds:.0f}",
@@ -98,37 +108,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dir", type=Path, default=manifest.DEFAULT_MODEL_DIR, help="default: the shipped ResNet-20"
     )
+    parser.add_argument("--attack", default=DEFAULT_ATTACK, choices=exportable(), help="an exportable attack")
     parser.add_argument("--split", action="append", help="a split point (again for more); default: every one")
     parser.add_argument("--aux-dataset", help="auxiliary images: this data set's train split; default: the model's")
     parser.add_argument("--aux-limit", type=int, help="train on this many auxiliary images, drawn at random")
     parser.add_argument("--held-out", type=int, default=500, help="test-split frames to score the exported file on")
-    parser.add_argument("--out", type=Path, help=f"folder for SPLIT.{ATTACK}.onnx; default: MODEL_DIR/attacks")
-    knobs = parser.add_argument_group("decoder knobs")
-    for name, p in knobs_of(ATTACK).items():
-        knobs.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(p.default), default=p.default)
+    parser.add_argument("--out", type=Path, help="folder for SPLIT.ATTACK.onnx; default: MODEL_DIR/attacks")
+    add_knob_arguments(parser, exportable())
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        knobs = {**ATTACKS[args.attack].knob_defaults(), **knobs_from_args(args, args.attack)}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     m = manifest.load(args.model_dir)
     splits = args.split or list(m.splits)
     for split in splits:
         m.split(split)  # an unknown split fails now, not after the first one has trained
     aux_dataset = args.aux_dataset or m.dataset
-    auxiliary = auxiliary_images(aux_dataset, m, args.aux_limit)
+    # What the attack knows but the split point is the same for every split: its auxiliary images are drawn once.
+    known = knowledge(args.attack, m, splits[0], aux_dataset=aux_dataset, aux_limit=args.aux_limit)
     held_out = held_out_frames(aux_dataset, m, args.held_out)
-    knobs = {name: getattr(args, name) for name in knobs_of(ATTACK)}
     out_dir = args.out or args.model_dir / live.ATTACKS_FOLDER
     for split in splits:
         command = ["splitleak", "attacker", "train-decoder", "--model-dir", str(args.model_dir), "--split", split]
+        command += [] if args.attack == DEFAULT_ATTACK else ["--attack", args.attack]
         command += ["--aux-dataset", aux_dataset, *(["--aux-limit", str(args.aux_limit)] if args.aux_limit else [])]
-        command += [f"--{name.replace('_', '-')}={value}" for name, value in knobs.items()]
-        out = out_dir / f"{split}.{ATTACK}.onnx"
+        command += [f"{option(name)}={value}" for name, value in knobs.items()]
+        out = out_dir / f"{split}.{args.attack}.onnx"
         metadata = train_and_export(
-            m,
-            split,
+            args.attack,
+            dict(known, split=split),
             out,
-            auxiliary=auxiliary,
             aux_dataset=aux_dataset,
             held_out=held_out,
             knobs=knobs,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from splitleak.attacker import scoring
 from splitleak.attacker.attacks import ATTACKS
-from splitleak.attacker.replay import knobs_of, replay
+from splitleak.attacker.replay import replay
 from splitleak.core import capture, manifest
 
 # (attack, split point) -> (PSNR dB, SSIM) that He et al. report for CIFAR-10 on their CNN, our `hecnn`.
@@ -136,7 +136,7 @@ def parse_knob(text: str) -> tuple[str, str, object]:
     """`ATTACK.KNOB=VALUE` -> (attack, knob, value), the value read as a Python literal."""
     target, _, value = text.partition("=")
     attack, _, knob = target.partition(".")
-    if attack not in ATTACKS or knob not in knobs_of(attack):
+    if attack not in ATTACKS or knob not in ATTACKS[attack].knob_types():
         raise argparse.ArgumentTypeError(f"{target!r} is not ATTACK.KNOB of a known attack")
     return attack, knob, ast.literal_eval(value)
 

@@ -22,7 +22,7 @@ import torch
 
 from splitleak.core import codec, transport
 from splitleak.core.process import start_cloud, stop
-from splitleak.device.client import Head
+from splitleak.device.head import Head
 from splitleak.model import zoo
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ import pytest
 from splitleak.attacker import proxy
 from splitleak.core import codec, transport
 from splitleak.core.process import start_cloud, stop
-from splitleak.device.client import Head
+from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 

@@ -10,8 +10,11 @@ tests/test_netns_link.py to check splitleak.core.link against the kernel.
         device = pair.popen("device", [sys.executable, "-m", "splitleak.cli", "device", "--cloud", ...])
 
 Leaving the `with` block (normally, on an error or on Ctrl-C) stops the processes started through `popen` and deletes
-both namespaces, which deletes the veth pair with them. A SIGKILL cannot be caught: the names printed by
-`VethPair.describe` are then left for `ip netns del`.
+both namespaces, which deletes the veth pair with them. A SIGKILL cannot be caught: then the processes started through
+`popen` are sent SIGTERM by Linux (splitleak.core.process.dies_with_parent), and the next VethPair deletes what the
+killed run left (`remove_stale`): every name here carries the pid of the process that made it, and a name whose
+process is gone is left over. That holds while every run shares this machine's pids (one pid namespace), as runs
+started here do.
 """
 
 from __future__ import annotations
@@ -28,11 +31,17 @@ import sys
 import threading
 from pathlib import Path
 
+from splitleak.core.process import dies_with_parent
+
 SIDES = ("device", "cloud")
 MTU = 1500
 # tbf's bucket must hold the largest frame on the veth (MTU plus the 14-byte Ethernet header), and tc rounds it down
 # (1,514 shows as 1,513): a little more than one frame, and no more than that (see shape).
 BURST_BYTES = 1600
+# The names a run makes, each with its pid: namespaces (VethPair, and unavailable's probe) and veth ends, which stay in
+# this namespace if a run is killed before it moves them into theirs.
+NETNS_NAME = re.compile(r"splitleak-(?:probe-)?(\d+)(?:-(?:device|cloud))?")
+VETH_NAME = re.compile(r"sl(\d+)[dc]")
 
 
 class NetnsError(RuntimeError):
@@ -61,6 +70,36 @@ def _run(*args: str) -> str:
     if done.returncode != 0:
         raise NetnsError(f"{' '.join(args)}: {done.stderr.strip() or f'exit {done.returncode}'}")
     return done.stdout
+
+
+def remove_stale() -> list[str]:
+    """Delete the namespaces and veth ends left by runs whose process is gone (killed with SIGKILL); their names."""
+    stale = _names(["ip", "-j", "netns", "list"], "name", NETNS_NAME)
+    for name in stale:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    veths = _names(["ip", "-j", "link", "show"], "ifname", VETH_NAME)
+    for name in veths:  # deleting one end of a veth pair deletes the other
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    return stale + veths
+
+
+def _names(command: list[str], key: str, pattern: re.Pattern) -> list[str]:
+    """The names `command` lists (as JSON objects under `key`) that `pattern` matches, with the pid in them gone."""
+    return [
+        entry[key]
+        for entry in json.loads(_run(*command) or "[]")
+        if (match := pattern.fullmatch(entry[key])) and not _alive(int(match.group(1)))
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's, but there
+        pass
+    return True
 
 
 def free_subnet(rng: random.Random | None = None) -> ipaddress.IPv4Network:
@@ -121,6 +160,7 @@ class VethPair:
         self.close()
 
     def _create(self) -> None:
+        remove_stale()
         self.subnet = free_subnet()
         hosts = list(self.subnet.hosts())  # a /30 has exactly two
         self.ip = {"device": str(hosts[0]), "cloud": str(hosts[1])}
@@ -195,7 +235,9 @@ class VethPair:
     def popen(self, side: str, args: list[str], **kwargs) -> subprocess.Popen:
         """Start `args` inside `side`'s namespace; it is stopped when the pair is closed."""
         # `ip netns exec` execs the command, so the Popen's pid is the command's own.
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns[side], *args], **kwargs)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns[side], *args], preexec_fn=dies_with_parent(), **kwargs
+        )
         self.processes.append(proc)
         return proc
 

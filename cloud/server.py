@@ -3,197 +3,141 @@
 Each split S of an exported model NAME is the OIP model `NAME.S`: one input `activation` (the head's output, batch
 first) and one output `logits`, run with ONNX Runtime. The activation may also arrive in a defended form (FP16,
 quantised UINT8 levels with their `scale` and `zero_point`, or only some channels with their indices): the cloud
-restores it to FP32 with splitleak.core.defences.restore, the same module the device's defences come from. Every request
-is checked before it runs, and a bad one gets a status that says what was expected: unknown model NOT_FOUND; wrong
-tensor name, datatype, shape, byte length or quantisation parameters INVALID_ARGUMENT; a batch or message over the
-limits RESOURCE_EXHAUSTED. On a stream (Triton's ModelStreamInfer) an
-error is answered in-band in `error_message` and the stream goes on. On SIGTERM the cloud stops taking new work,
-finishes what is in flight, and exits.
+restores it to FP32 with splitleak.core.defences.restore, the same module the device's defences come from.
+
+Every request is checked before it runs, and a bad one gets a status that says what was expected, with the client's
+strings cut short (splitleak.core.serving.quote): a message that is not a request, a wrong tensor name, datatype,
+shape, byte length or quantisation parameter, an over-long id, or NaN or infinite values INVALID_ARGUMENT; an
+unknown model NOT_FOUND; a batch or message over the limits RESOURCE_EXHAUSTED. On a stream (Triton's
+ModelStreamInfer) an error is answered in-band in `error_message` and the stream goes on to the next request. Each
+error answered is one line on stderr. docs/cloud.md has the table, the limits and the measured load.
+
+The server is grpc.aio: streams wait as coroutines, bounded per connection and in all (splitleak.core.serving), and
+each request's work (parsing, checks, the tail) runs on a thread pool of one thread per core, since ONNX Runtime
+releases the GIL while it runs. On SIGTERM the cloud stops taking requests, answers those it has received, ends the
+streams still open (UNAVAILABLE), and exits within the grace period.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
-from splitleak.core import codec, defences, manifest, transport
+from splitleak.cloud import wire
+from splitleak.cloud.tail import InferError, Tail, load_tails
+from splitleak.core import codec, defences, manifest, serving, transport
+from splitleak.core.serving import quote
 from splitleak.protos import inference_pb2 as pb
-from splitleak.protos import inference_pb2_grpc as pb_grpc
 
-MAX_BATCH = 256
+MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refused, so that answers stay small
+# Health and metadata requests hold a name or two, and are parsed on the event loop: a larger one is refused unread,
+# so that none keeps the loop from answering the rest.
+MAX_PLAIN_BYTES = 64 * 1024
 
+log = logging.getLogger("splitleak.cloud")
 
-class InferError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Tail:
-    """The tail of one split, ready to run."""
-
-    name: str
-    session: ort.InferenceSession
-    activation_shape: tuple[int, ...]
-    activation_datatype: str
-    num_classes: int
-
-    @classmethod
-    def load(cls, m: manifest.Manifest, split: manifest.Split, threads: int) -> Tail:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(split.tail), options, providers=["CPUExecutionProvider"])
-        return cls(
-            m.served_name(split.name), session, split.activation_shape, split.activation_datatype, len(m.classes)
-        )
-
-    def metadata(self) -> pb.ModelMetadataResponse:
-        return pb.ModelMetadataResponse(
-            name=self.name,
-            versions=["1"],
-            platform="onnxruntime_onnx",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name="activation", datatype=self.activation_datatype, shape=[-1, *self.activation_shape]
-                )
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, self.num_classes])
-            ],
-        )
-
-    def expected(self) -> str:
-        return (
-            f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, "
-            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents, or a defended form: "
-            f"{defences.forms(self.activation_shape)}"
-        )
-
-    def validate(self, request: pb.ModelInferRequest) -> None:
-        """What can be checked before the tensors are read; `restore` checks the rest of the form."""
-        names = [t.name for t in request.inputs]
-        if "activation" not in names or len(set(names)) != len(names) or not set(names) <= set(defences.INPUTS):
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: got inputs {names}; expected {self.expected()}"
-            )
-        tensor = request.inputs[names.index("activation")]
-        if tensor.datatype not in defences.DATATYPES:
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.name}: got datatype {tensor.datatype!r}; expected {self.expected()}",
-            )
-        if len(tensor.shape) < 2 or tensor.shape[0] < 1:
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.name}: got shape {list(tensor.shape)}; expected {self.expected()}",
-            )
-        if tensor.shape[0] > MAX_BATCH:
-            raise InferError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.name}: batch of {tensor.shape[0]} is over the limit of {MAX_BATCH}",
-            )
-        unknown = [o.name for o in request.outputs if o.name != "logits"]
-        if unknown:
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: no output named {unknown}; the only output is 'logits'"
-            )
-
-    def run(self, activation: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"activation": activation})[0]
+# Called with every request the cloud accepts, as it arrived (serialized), and the wall clock (ns) when it did, before
+# it runs: where a curious cloud keeps its copy.
+RequestObserver = Callable[[bytes, int], None]
 
 
-# Called with every request the cloud accepts, before it runs: where a curious cloud keeps its copy.
-RequestObserver = Callable[[pb.ModelInferRequest, int], None]
+class InferenceService:
+    """The OIP methods. `answer` (bytes in, a response or InferError out) is all the checking and running, plain and
+    synchronous; the rest is how grpc.aio calls it."""
 
-
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, tails: dict[str, Tail], observers: list[RequestObserver] | None = None) -> None:
+    def __init__(
+        self,
+        tails: dict[str, Tail],
+        *,
+        limits: serving.Limits | None = None,
+        workers: int | None = None,
+        observers: list[RequestObserver] | None = None,
+    ) -> None:
         self.tails = tails
         self.observers = observers or []
-        self.draining = threading.Event()
+        self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
+        self.executor = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="cloud-tail")
 
-    # Health and metadata.
-    def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
-
-    def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=not self.draining.is_set())
-
-    def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(
-            ready=self._tail(request.name, request.version) is not None and not self.draining.is_set()
-        )
-
-    def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(
-            name="splitleak", version=splitleak.__version__, extensions=["model_repository", "streaming"]
-        )
-
-    def ModelMetadata(self, request, context):
-        tail = self._tail(request.name, request.version)
-        if tail is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(request.name, request.version))
-        return tail.metadata()
-
-    def RepositoryIndex(self, request, context):
-        return pb.RepositoryIndexResponse(
-            models=[
-                pb.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
-                for name in sorted(self.tails)
-            ]
-        )
-
-    # Inference.
-    def ModelInfer(self, request, context):
-        try:
-            return self.infer(request)
-        except InferError as e:
-            context.abort(e.code, e.message)
-
-    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest], context):
-        for request in request_iterator:
-            try:
-                yield pb.ModelStreamInferResponse(infer_response=self.infer(request))
-            except InferError as e:
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=request.id)
-                )
-            if self.draining.is_set():
-                return  # what was in flight is answered; the device sees the stream end
-
-    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def answer(self, raw: bytes) -> pb.ModelInferResponse:
+        """Parse, check and run one serialized ModelInferRequest."""
         recv_ns = time.time_ns()
         start = time.perf_counter()
-        tail = self._tail(request.model_name, request.model_version)
+        try:
+            wire.check_request(raw)
+            request = pb.ModelInferRequest.FromString(raw)
+        except (wire.WireError, DecodeError) as e:
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a ModelInferRequest ({len(raw)} bytes): {e}"
+            ) from e
+        request_id = request.id  # read once: each read of a string field makes a new copy, and this one may be large
+        if len(raw) > transport.MAX_MESSAGE_BYTES:
+            raise InferError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"message of {len(raw)} bytes is over the limit of {transport.MAX_MESSAGE_BYTES}",
+                request_id[:MAX_ID_CHARS],
+            )
+        if len(request_id) > MAX_ID_CHARS:
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request id of {len(request_id)} characters; at most {MAX_ID_CHARS}, as every answer echoes it",
+                request_id[:MAX_ID_CHARS],
+            )
+        try:
+            return self._infer(request, raw, recv_ns, start)
+        except InferError as e:
+            e.request_id = request_id
+            raise
+        except Exception as e:  # noqa: BLE001 - a fault of the cloud's, not the client's: logged whole, said plainly
+            log.exception("failed on a request to %s", quote(request.model_name))
+            raise InferError(
+                grpc.StatusCode.INTERNAL, f"the cloud failed on this request ({type(e).__name__})", request_id
+            ) from e
+
+    def _infer(self, request: pb.ModelInferRequest, raw: bytes, recv_ns: int, start: float) -> pb.ModelInferResponse:
+        name, version = request.model_name, request.model_version
+        tail = self._tail(name, version)
         if tail is None:
-            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(request.model_name, request.model_version))
+            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
         tail.validate(request)
         try:
-            activation = defences.restore(
-                codec.decode_request(request),
-                codec.get_parameters(request.parameters),
-                shape=tail.activation_shape,
-            )
+            with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
+                activation = defences.restore(
+                    codec.decode_request(request),
+                    codec.get_parameters(request.parameters),
+                    shape=tail.activation_shape,
+                )
         except (codec.CodecError, defences.RestoreError) as e:
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
+        non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
+        if non_finite:
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{tail.name}: the activation holds {non_finite} NaN or infinite values; logits computed from them "
+                "would be NaN or infinite too, meaningless as a prediction",
+            )
         for observe in self.observers:
-            observe(request, recv_ns)
+            observe(raw, recv_ns)
         logits = tail.run(activation)
+        if not np.isfinite(logits).all():
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{tail.name}: the activation's values (largest magnitude {np.abs(activation).max():.3g}) overflow "
+                "the tail: its logits are not finite, meaningless as a prediction",
+            )
         compute_ms = (time.perf_counter() - start) * 1e3
         return codec.encode_response(
             request,
@@ -205,44 +149,140 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self.tails.get(name) if version in ("", "1") else None
 
     def _not_found(self, name: str, version: str) -> str:
-        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        what = f"model {quote(name)}" + (f" version {quote(version)}" if version else "")
         return f"{what} is not served here (only version 1 exists); models: {', '.join(sorted(self.tails))}"
 
+    # Inference over gRPC: requests come as bytes and are parsed on the pool, so that a message that is not a
+    # request is answered INVALID_ARGUMENT like any other bad one, and a large one never stalls the event loop.
 
-def load_tails(model_dirs: list[Path], threads: int = 1) -> dict[str, Tail]:
-    tails = {}
-    for model_dir in model_dirs:
-        m = manifest.load(model_dir)
-        for split in m.splits.values():
-            tail = Tail.load(m, split, threads)
-            tails[tail.name] = tail
-    return tails
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with self.gate.call(context, "ModelInfer") as admitted:
+            if admitted:
+                response, error = await self._on_pool(self._answer_unary, raw)
+                if error is None:
+                    return response
+                self.gate.fail(context, "ModelInfer", error.code, error.message)
+        return b""  # the status says why
+
+    async def model_stream_infer(self, requests, context: grpc.aio.ServicerContext) -> None:
+        async with self.gate.call(context, "ModelStreamInfer") as admitted:
+            reader = serving.Reader(context, self.gate.stopping)
+            try:
+                while admitted and (raw := await reader.next(self.gate.limits.idle_timeout_s)) is not None:
+                    answer, error = await self._on_pool(self._answer_in_band, raw)
+                    if error is not None:
+                        self.gate.error(context.peer(), "ModelStreamInfer", error.code, error.message)
+                    await serving.send(context, answer, self.gate.limits.idle_timeout_s)
+                    if self.gate.stopping.is_set():
+                        raise serving.Stopping()
+            finally:
+                reader.close()
+
+    def _answer_unary(self, raw: bytes) -> tuple[bytes | None, InferError | None]:
+        try:
+            return self.answer(raw).SerializeToString(), None
+        except InferError as e:
+            return None, e.with_traceback(None)  # its frames hold the request: let them go now
+
+    def _answer_in_band(self, raw: bytes) -> tuple[bytes, InferError | None]:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=self.answer(raw)).SerializeToString(), None
+        except InferError as e:
+            response = pb.ModelStreamInferResponse(
+                error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=e.request_id)
+            )
+            return response.SerializeToString(), e.with_traceback(None)
+
+    async def _on_pool(self, work, raw: bytes):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, raw)
+
+    # Health and metadata: answered on the event loop, whatever the streams are doing.
+
+    def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def server_ready(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not self.gate.stopping.is_set())
+
+    def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        ready = self._tail(request.name, request.version) is not None and not self.gate.stopping.is_set()
+        return pb.ModelReadyResponse(ready=ready)
+
+    def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="splitleak", version=splitleak.__version__, extensions=["model_repository", "streaming"]
+        )
+
+    def model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        tail = self._tail(request.name, request.version)
+        if tail is None:
+            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(request.name, request.version))
+        return tail.metadata()
+
+    def repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=name, version="1", state="READY")
+                for name in sorted(self.tails)
+            ]
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Every OIP method, each taking bytes, so that no request fails in gRPC's own parsing (as UNKNOWN)."""
+        methods = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.repository_index),
+        }
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._plain(name, *m)) for name, m in methods.items()}
+        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
+        return grpc.method_handlers_generic_handler(transport.SERVICE_NAME, handlers)
+
+    def _plain(self, method: str, request_type, respond):
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                if len(raw) > MAX_PLAIN_BYTES:
+                    raise InferError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a {request_type.__name__} of {len(raw)} bytes; at most {MAX_PLAIN_BYTES}, for a name or two",
+                    )
+                return respond(request_type.FromString(raw)).SerializeToString()
+            except DecodeError as e:
+                message = f"not a {request_type.__name__} ({len(raw)} bytes): {e}"
+                self.gate.fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, message)
+            except InferError as e:
+                self.gate.fail(context, method, e.code, e.message)
+            return b""  # the status says why
+
+        return handle
 
 
-def serve(
-    service: InferenceService, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Start serving; returns the server, the port it listens on, and its health servicer."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=transport.OPTIONS)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
+async def serve(
+    service: InferenceService, *, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start serving; returns the server, the port it listens on, and its health servicer. OSError if it cannot."""
+    server = grpc.aio.server(options=transport.SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
+    bound = serving.listen(server, host, port)
+    await server.start()
     for name in ("", transport.SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
 
 
-def drain(
-    server: grpc.Server, service: InferenceService, health_servicer: health.HealthServicer, grace_s: float = 10.0
-) -> None:
-    """Stop taking work, let what is in flight finish (up to `grace_s`), then stop."""
-    service.draining.set()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace_s).wait()
+async def drain(server: grpc.aio.Server, service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
+    """Stop taking work, answer what has been received, end open streams, and stop within the grace period."""
+    service.gate.stopping.set()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(service.gate.limits.grace_s)
+    # A tail still running past the grace period finishes on its thread; nothing waits for its answer.
+    service.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -255,9 +295,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="exported model folders (default: the shipped ResNet-20 on CIFAR-10)",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001, help="0 picks a free port and prints it")
-    parser.add_argument("--workers", type=int, default=16, help="concurrent RPCs (each open stream holds one)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per inference")
+    parser.add_argument("--port", type=serving.port_number, default=8001, help="0 picks a free port and prints it")
+    parser.add_argument(
+        "--workers",
+        type=serving.positive_int,
+        default=os.cpu_count() or 1,
+        help="threads that parse, check and run requests (default: one per core)",
+    )
+    parser.add_argument("--threads", type=serving.positive_int, default=1, help="ONNX Runtime threads per inference")
+    serving.Limits.add_arguments(parser)
     parser.add_argument(
         "--record",
         type=Path,
@@ -270,26 +316,45 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        service = InferenceService(load_tails(args.models, args.threads))
+        tails = load_tails(args.models, args.threads)
     except (FileNotFoundError, ValueError) as e:
         print(f"cloud: {e}", file=sys.stderr)
         return 2
-    server, port, health_servicer = serve(service, host=args.host, port=args.port, max_workers=args.workers)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(logging.Formatter("cloud: %(message)s"))
+    log.addHandler(errors)
+    log.propagate = False
+    return asyncio.run(_serve_until_signal(args, tails))
+
+
+async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) -> int:
+    service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers)
+    try:
+        server, port, health_servicer = await serve(service, host=args.host, port=args.port)
+    except OSError as e:
+        print(f"cloud: {e}", file=sys.stderr)
+        return 2
     sink = None
     if args.record:
         # Imported only here: an honest cloud needs nothing of the attacker's.
         from splitleak.core.capture import CaptureSink, CaptureWriter
 
         # Added once the port is known (the capture names it) and before it is announced, so no device is missed.
-        sink = CaptureSink(CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}"))
-        service.observers.append(lambda request, recv_ns: sink.put(request.SerializeToString(), recv_ns))
+        try:
+            writer = CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}")
+        except FileExistsError as e:
+            print(f"cloud: {e}", file=sys.stderr)
+            await server.stop(None)
+            return 2
+        sink = CaptureSink(writer)
+        service.observers.append(sink.put)
     print(f"cloud listening on {args.host}:{port} serving {', '.join(sorted(service.tails))}", flush=True)
-    stop = threading.Event()
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print("cloud draining: finishing in-flight requests", file=sys.stderr, flush=True)
-    drain(server, service, health_servicer)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("cloud draining: answering what it has received", file=sys.stderr, flush=True)
+    await drain(server, service, health_servicer)
     if sink is not None:
         sink.close()
         print("cloud recorded: " + ", ".join(f"{k} {v}" for k, v in sink.stats.items()), file=sys.stderr, flush=True)

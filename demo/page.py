@@ -7,23 +7,16 @@ on a canvas pixel for pixel, so nothing is compressed here, and at a few kilobyt
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import numpy as np
 
 from splitleak.attacker import live
-from splitleak.core import data, defences, link, metrics
+from splitleak.core import data, defences, link
+from splitleak.core.facts import RECOGNISABLE_SSIM
 from splitleak.core.manifest import Manifest
+from splitleak.core.records import STAGES, FrameRecord
 
-# The page's slider for each defence's strength, (low, high, step): what a strength means is in splitleak.core.defences.
-STRENGTHS = {
-    "gaussian": (0.0, 2.0, 0.05),
-    "laplace": (0.0, 2.0, 0.05),
-    "dropout": (0.0, 0.95, 0.05),
-    "channel-dropout": (0.0, 0.95, 0.05),
-    "quantise": (1, 8, 1),
-    "quantise-channel": (1, 8, 1),
-    "topk": (0.0, 0.95, 0.05),
-}
 HEAT_MAPS = 4  # activation channels shown
 
 
@@ -59,8 +52,13 @@ def config(
             for name, split in m.splits.items()
         },
         "links": {name: profile.describe() for name, profile in link.PROFILES.items()},
+        # Each defence's slider is what its class declares (splitleak.core.defences.Strengths); None: no slider.
         "defences": {
-            name: {"means": cls.strength_means, "default": cls.default_strength, "range": STRENGTHS.get(name)}
+            name: {
+                "means": cls.strengths.describe(),
+                "default": cls.strengths.default,
+                "slider": None if cls.strengths.slider is None else dataclasses.asdict(cls.strengths.slider),
+            }
             for name, cls in defences.DEFENCES.items()
         },
         "attacks": {
@@ -73,7 +71,8 @@ def config(
             }
             for name, by_split in attacks.items()
         },
-        "stages": [stage for stage in metrics.STAGES if stage != "total"],
+        "stages": [stage for stage in STAGES if stage != "total"],
+        "recognisable_ssim": RECOGNISABLE_SSIM,
         "people": None if gallery is None else people(gallery),
         "identity_note": identity_note,
         "start": start,
@@ -121,11 +120,11 @@ def frame(got: live.Interception, classes: tuple[str, ...], channels: np.ndarray
     }
 
 
-def join(view: dict, record: dict, classes: tuple[str, ...]) -> dict:
-    """The frame with what the device reported of it: the cloud's answer, stage times, bytes, link."""
-    prediction = classes[record["prediction"]] if record.get("error") is None else None
-    kept = {k: v for k, v in record.items() if k.endswith("_ms") or k.startswith("bytes") or k == "link"}
-    label = classes[record["label"]] if record["label"] >= 0 else None
-    joined = dict(view, record=kept | {"prediction": prediction, "label": label})
+def join(view: dict, record: FrameRecord, classes: tuple[str, ...]) -> dict:
+    """The frame with the device's record of it, as the device writes it (the page shows its stage times, bytes and
+    link), but with the cloud's answer and the truth as class names."""
+    prediction = classes[record.prediction] if record.prediction is not None else None
+    label = classes[record.label] if record.label >= 0 else None
+    joined = dict(view, record=record.to_json() | {"prediction": prediction, "label": label})
     joined["attacks"] = {name: dict(a, same=a["label"] == prediction) for name, a in view["attacks"].items()}
     return joined

@@ -22,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from splitleak.core import data, defences, link, manifest
+from splitleak.core.options import number
 from splitleak.demo.simulation import Settings, Simulation
 
 PAGE_RATE = 30  # updates a second, at most, to each page
@@ -125,8 +126,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link", default="loopback", choices=list(link.PROFILES), help="link profile to start with")
     parser.add_argument("--defence", default="none", choices=list(defences.DEFENCES), help="defence to start with")
     parser.add_argument("--strength", type=float, help="the defence's strength (see splitleak device --help)")
-    parser.add_argument("--fps", type=float, default=30.0, help="frames a second the device sends, at most")
-    parser.add_argument("--frames", type=int, default=500, help="distinct frames the device loops over")
+    parser.add_argument(
+        "--fps", type=number(at_least=0), default=30.0, help="frames a second the device sends, at most; 0: no cap"
+    )
+    parser.add_argument(
+        "--frames", type=number(int, at_least=1), default=500, help="distinct frames the device loops over"
+    )
     return parser
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from splitleak.attacker import feed, live, proxy
 from splitleak.core import data, defences, link, manifest, process
 from splitleak.core.facts import IDENTITY_DATASETS
+from splitleak.core.records import FrameRecord
 from splitleak.demo import page
 
 ROLES = ("cloud", "proxy", "device")
@@ -94,7 +95,7 @@ class Simulation:
         self.points: collections.deque[dict] = collections.deque()  # for the plots, oldest first
         self.point_seq = 0
         self.counts = collections.Counter()
-        self._records: collections.OrderedDict[int, dict] = collections.OrderedDict()  # by device_send_ns
+        self._records: collections.OrderedDict[int, FrameRecord] = collections.OrderedDict()  # by device_send_ns
         self._recent: collections.deque[float] = collections.deque()  # when the last frames ended, for the rate
         self._heat_channels: dict[str, np.ndarray] = {}
         self._waiting: tuple[dict, float] | None = None  # a frame waiting for its record, since when
@@ -110,7 +111,8 @@ class Simulation:
         dataset = self.dataset = data.load(s.dataset, "test")
         self.attacker = live.LiveAttacker(self.manifest, self.attacks, dataset=dataset, gallery=self._gallery())
         with socket.create_server(("127.0.0.1", 0)) as listener:
-            # Each in a session of its own: a Ctrl-C is for this process, which stops them in order.
+            # Each in a session of its own: a Ctrl-C is for this process, which stops them in order. Each dies with
+            # this process too, should it be killed before it can (splitleak.core.process.dies_with_parent).
             cloud, cloud_port = process.start_cloud([s.model_dir], own_session=True)
             self.processes["cloud"] = cloud
             feed_to = f"127.0.0.1:{listener.getsockname()[1]}"
@@ -133,6 +135,7 @@ class Simulation:
             text=True,
             bufsize=1,
             start_new_session=True,
+            preexec_fn=process.dies_with_parent(),
         )
         for target, args in (
             (self._read_feed, (connection,)),
@@ -174,6 +177,10 @@ class Simulation:
             raise ValueError(f"no defence {change['defence']!r}; defences: {', '.join(defences.DEFENCES)}")
         if "strength" in change and not isinstance(change["strength"], int | float):
             raise ValueError(f"strength must be a number, not {change['strength']!r}")
+        if "defence" in change and "strength" in change:  # a strength alone is for the device's defence to check
+            strengths = defences.DEFENCES[change["defence"]].strengths
+            if not strengths.allows(change["strength"]):
+                raise ValueError(f"{change['defence']} takes {strengths.describe()}, not {change['strength']!r}")
         if "attacks" in change:
             unknown = set(change["attacks"]) - set(self.attacks)
             if unknown:
@@ -302,22 +309,22 @@ class Simulation:
                     self.version += 1
                 continue
             with self._lock:
-                self._on_record(event)
+                self._on_record(FrameRecord.from_json(event))
 
-    def _on_record(self, record: dict) -> None:
+    def _on_record(self, record: FrameRecord) -> None:
         self.counts["frames"] += 1
-        send_ns = record["device_send_ns"]
+        send_ns = record.device_send_ns
         self._records[send_ns] = record
         while len(self._records) > 256:
             self._records.popitem(last=False)
         if self._waiting is not None and self._waiting[0]["device_send_ns"] == send_ns:
             self._show(page.join(self._waiting[0], record, self.manifest.classes))
             self._waiting = None
-        if record.get("error") is not None:
-            self.notice = f"the cloud refused a frame: {record['error']}"
+        if record.error is not None:
+            self.notice = f"the cloud refused a frame: {record.error}"
             return
-        self._recent.append(record["end_ns"] / 1e9)
-        self._point({"t": self._t(send_ns), "split": record["split"], "latency": record["total_ms"]})
+        self._recent.append(record.end_ns / 1e9)
+        self._point({"t": self._t(send_ns), "split": record.split, "latency": record.total_ms})
 
     def _read_device_errors(self) -> None:
         for line in self.processes["device"].stderr:

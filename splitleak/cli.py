@@ -7,6 +7,7 @@ Every module named here has `get_args_parser() -> argparse.ArgumentParser` and `
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -21,6 +22,17 @@ COMMANDS = {
     "recommend": ("splitleak.study.recommend", "the fastest split and defence within privacy and accuracy bounds"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }
+
+
+# What a user's own input can make go wrong: a file that is missing, unreadable or not what it should be, a name or a
+# value that does not exist or is out of range. Such an error ends the command with one line and exit 2, as argparse
+# does for a bad option; anything else is a bug and keeps its traceback. SPLITLEAK_DEBUG=1 keeps it for these too.
+USER_ERRORS = (OSError, ValueError, KeyError)
+
+
+def one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(message).split()) or type(error).__name__
 
 
 def usage() -> str:
@@ -49,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(args) or 0
     except KeyboardInterrupt:
         return 130
+    except USER_ERRORS as e:
+        if os.environ.get("SPLITLEAK_DEBUG"):
+            raise
+        print(f"splitleak {argv[0]}: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from splitleak.core import manifest
-from splitleak.core.process import start_cloud, stop
+from splitleak.core.process import dies_with_parent, start_cloud, stop
 
 FORWARDS_OPTIONS = True
 
@@ -44,6 +44,6 @@ def main(args: argparse.Namespace) -> int:
             str(args.models),
             *args.forward,
         ]
-        return subprocess.run(cmd).returncode
+        return subprocess.run(cmd, preexec_fn=dies_with_parent()).returncode
     finally:
         stop(cloud)

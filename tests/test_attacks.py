@@ -44,11 +44,32 @@ def test_an_unknown_attack_is_refused_with_the_known_names():
         build("nope")
 
 
-def test_every_attack_says_what_it_knows_and_takes_only_keyword_knobs():
+def test_every_attack_declares_what_it_knows_and_its_knobs_and_refuses_any_other_knob_by_naming_its_own():
+    m = manifest.load(manifest.DEFAULT_MODEL_DIR)
     for name, cls in ATTACKS.items():
         assert cls.name == name and cls.knowledge.endswith(".")
-        with pytest.raises(TypeError):
-            cls("manifest", "split")
+        knobs = cls.knob_defaults()
+        assert cls.check_knobs({}) == cls.Knobs(**knobs)
+        with pytest.raises(ValueError, match=f"^{name} has no knob 'nope'; its knobs: {', '.join(knobs)}$"):
+            build(name, manifest=m, split="stem", nope=1)
+        for knob, kind in cls.knob_types().items():
+            with pytest.raises(ValueError, match=f"{name}'s knob {knob} is a {kind.__name__}, not 'many'"):
+                cls.check_knobs({knob: "many"})
+
+
+def test_an_attack_is_given_only_the_knowledge_it_declares():
+    m = manifest.load(manifest.DEFAULT_MODEL_DIR)
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="datafree takes no auxiliary images"):
+        build("datafree", manifest=m, split="stem", auxiliary=images)
+    with pytest.raises(ValueError, match="decoder needs auxiliary images"):
+        build("decoder", manifest=m, split="stem")
+    with pytest.raises(ValueError, match="decoder takes no auxiliary_labels"):
+        build("decoder", manifest=m, split="stem", auxiliary=images, auxiliary_labels=np.zeros(4, int))
+    with pytest.raises(ValueError, match="shadow does not model a defence"):
+        build("shadow", manifest=m, split="stem", defence="gaussian", strength=1.0)
+    with pytest.raises(ValueError, match="steps must be positive, not 0"):
+        build("rmle", manifest=m, split="stem", steps=0)
 
 
 @pytest.mark.slow

@@ -88,3 +88,10 @@ def test_train_and_export_from_the_command_line_on_greyscale_digits(tmp_path):
         and m.classes[0].startswith("0")
         and list(m.splits) == ["stem", "layer1", "layer2", "layer3"]
     )
+
+
+def test_labels_map_to_a_models_classes_by_name_whatever_their_order():
+    ds = data.Dataset("toy", np.zeros((4, 2, 2, 3), np.uint8), np.array([0, 1, 2, -1]), ("cat", "dog", "zebra"))
+    labels, unmapped = ds.labels_as(("dog", "bird", "cat"))
+    assert labels.tolist() == [2, 0, -1, -1]
+    assert unmapped == ["zebra"]

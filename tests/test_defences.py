@@ -38,7 +38,7 @@ def over_the_wire(tensors, parameters, shape):
 def test_every_defence_is_built_by_name_and_refuses_a_strength_out_of_range():
     split = split_for((16, 8, 8))
     for name, cls in defences.DEFENCES.items():
-        strength = cls.default_strength if cls.default_strength is not None else 0.5
+        strength = cls.strengths.default if cls.strengths.default is not None else 0.5
         assert defences.build(name, strength=strength, split=split).name == name
     assert defences.build("quantise", split=split).bits == 8  # the default strength
     for name, strength, why in [

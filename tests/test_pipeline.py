@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitleak.core import data, manifest
-from splitleak.model.train import load_model, to_tensor
+from splitleak.model.checkpoint import load_model, to_tensor
 
 
 def run_device(port: int, model_dir: Path, *args: str, env=None) -> subprocess.CompletedProcess:
@@ -42,9 +42,9 @@ def test_device_and_cloud_processes_agree_with_the_full_pytorch_model(cloud, tin
     test = data.load("cifar10", "test")
     indices = np.array([f["frame"] for f in frames])
     assert len(set(indices)) == 200 and len(set(test.labels[indices])) == 10  # a spread of classes, not one
-    mean, std = (np.array(tiny_checkpoint["input"][k], np.float32) for k in ("mean", "std"))
     with torch.no_grad():
-        expected = load_model(tiny_checkpoint)(to_tensor(test.images[indices], mean, std)).argmax(1).numpy()
+        x = to_tensor(test.images[indices], tiny_checkpoint.mean, tiny_checkpoint.std)
+        expected = load_model(tiny_checkpoint)(x).argmax(1).numpy()
     assert [f["prediction"] for f in frames] == expected.tolist()
     assert [f["label"] for f in frames] == test.labels[indices].tolist()
     assert report["summary"]["accuracy"] == np.mean(expected == test.labels[indices])

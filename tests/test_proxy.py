@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from concurrent import futures
@@ -12,11 +13,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cloud_limits import OpenStream, connection, good, is_answered, twenty_idle_streams_then_a_device
 
 from splitleak.attacker import proxy
-from splitleak.core import capture, codec, transport
+from splitleak.core import capture, codec, manifest, serving, transport
 from splitleak.core.process import start_cloud, stop
-from splitleak.device.client import Head
+from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -200,3 +202,63 @@ def test_the_curious_cloud_records_what_the_proxy_captures_in_the_same_format(ti
 def test_the_taps_never_import_torch():
     code = "import sys, splitleak.attacker.proxy, splitleak.cloud.server; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# The proxy as a server: idle streams cannot starve it either, and it ends within its grace period.
+
+
+@pytest.fixture(scope="module")
+def shipped_cloud():
+    """A real cloud on the shipped model: no training, no data set."""
+    proc, port = start_cloud([manifest.DEFAULT_MODEL_DIR])
+    yield f"127.0.0.1:{port}"
+    stop(proc)
+
+
+@pytest.fixture
+def start_tap(shipped_cloud, tmp_path):
+    """Starts an in-process proxy to the shipped cloud with the limits given; returns its address."""
+    sink = capture.CaptureSink(capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=shipped_cloud))
+    taps = []
+
+    def start(limits: serving.Limits) -> str:
+        taps.append(proxy.Proxy(shipped_cloud, sink, limits=limits))
+        return f"127.0.0.1:{taps[-1].start()}"
+
+    yield start
+    for tap in taps:
+        tap.stop()
+    sink.close()
+
+
+def test_twenty_idle_streams_through_the_proxy_do_not_stop_a_new_device_or_a_health_check(start_tap):
+    limit = serving.MAX_STREAMS_PER_CONNECTION  # the proxy's bound, and the cloud's on the device's own connection
+    outcomes = twenty_idle_streams_then_a_device(start_tap(serving.Limits()))
+    assert outcomes == {True: limit, grpc.StatusCode.RESOURCE_EXHAUSTED: 20 - limit}
+
+
+def test_a_stream_idle_at_the_proxy_is_closed_and_one_over_the_limit_is_answered_in_band_by_the_cloud(start_tap):
+    tap = start_tap(serving.Limits(idle_timeout_s=1.0))
+    over_limit = pb.ModelInferRequest.FromString(good())
+    over_limit.raw_input_contents.append(bytes(transport.MAX_MESSAGE_BYTES))
+    options = [("grpc.max_send_message_length", transport.MAX_RECEIVE_BYTES), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(tap, options=options) as channel:
+        stream = OpenStream(channel)
+        assert stream.ask(over_limit.SerializeToString()).error_message.startswith("RESOURCE_EXHAUSTED: message of")
+        assert is_answered(stream.ask(good()))
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream.call)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no request for 1 s" in ended.value.details()
+
+
+def test_the_proxy_ends_within_its_grace_period_on_sigterm_with_a_stream_open(shipped_cloud, tmp_path):
+    proc, port = proxy.start_process(shipped_cloud, tmp_path / "capture", extra=["--grace", "2"])
+    with connection(f"127.0.0.1:{port}") as channel:
+        stream = OpenStream(channel)
+        assert is_answered(stream.ask(good()))
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream.call)
+    assert proc.wait(2 + 20) == 0  # the grace period, and time to stop a Python process on a busy machine
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in ended.value.details()
+    assert len(capture.read(tmp_path / "capture").records) == 1

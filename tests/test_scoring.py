@@ -14,7 +14,7 @@ from scipy.ndimage import uniform_filter
 
 from splitleak.attacker import scoring
 from splitleak.core import data, manifest
-from splitleak.model.train import load_model, to_tensor
+from splitleak.model.checkpoint import load_model, to_tensor
 
 
 def reference_psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from splitleak import cli
 from splitleak.core import link
-from splitleak.study import plots, recommend, sweep
+from splitleak.study import plots, recommend, rows, sweep
 
 SPLITS = ("layer1", "layer3")
 DEFENCES = ("quantise:4", "gaussian:2")
@@ -34,7 +33,7 @@ def run_sweep(model_dir, out) -> int:
 def swept(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     assert run_sweep(tiny_model_dir, out) == 0
-    return out, json.loads((out / "sweep.json").read_text())
+    return out, rows.read_json(out / "sweep.json")
 
 
 @pytest.mark.slow
@@ -43,22 +42,24 @@ def test_one_row_per_configuration_and_link_in_csv_and_json(swept):
     with open(out / "sweep.csv") as f:
         from_csv = list(csv.DictReader(f))
     assert len(table) == len(from_csv) == len(SPLITS) * (1 + len(DEFENCES)) * len(LINKS)
-    keys = {(r["split"], r["defence"], r["strength"], r["link"]) for r in table}
+    keys = {(r.split, r.defence, r.strength, r.link) for r in table}
     assert len(keys) == len(table)
     lines = (out / "sweep.md").read_text().splitlines()  # for people: a line per configuration, links side by side
     assert len(lines) == 2 + len(SPLITS) * (1 + len(DEFENCES)) and lines[0].endswith("| 3g ms | wifi ms |")
+    assert rows.read_csv(out / "sweep.csv") == table  # the same rows, read back from either
     for row in table:
-        assert row["frames"] == 40
-        assert 0 <= row["accuracy"] <= 1
-        for attack in sweep.DEFAULT_ATTACKS:
-            assert 0 <= row[f"{attack}_ssim"] <= 1 and math.isfinite(row[f"{attack}_psnr"])
-            assert 0 <= row[f"{attack}_recognisable"] <= 1 and 0 <= row[f"{attack}_label_leakage"] <= 1
-        assert row["max_ssim"] == max(row["decoder_ssim"], row["rmle_ssim"])
-        assert row["total_ms_median"] > 0 and row["total_ms_p95"] >= row["total_ms_median"]
+        assert row.frames == 40
+        assert 0 <= row.accuracy <= 1
+        assert list(row.attacks) == list(sweep.DEFAULT_ATTACKS)
+        for scores in row.attacks.values():
+            assert 0 <= scores.ssim <= 1 and math.isfinite(scores.psnr)
+            assert 0 <= scores.recognisable <= 1 and 0 <= scores.label_leakage <= 1
+        assert row.max_ssim == max(row.attacks["decoder"].ssim, row.attacks["rmle"].ssim)
+        assert row.total_ms("median") > 0 and row.total_ms("p95") >= row.total_ms("median")
 
 
-def by(table, **match) -> dict:
-    (row,) = [r for r in table if all(r[k] == v for k, v in match.items())]
+def by(table, **match) -> rows.SweepRow:
+    (row,) = [r for r in table if all(getattr(r, k) == v for k, v in match.items())]
     return row
 
 
@@ -66,15 +67,15 @@ def by(table, **match) -> dict:
 def test_the_link_adds_the_link_models_delay_for_the_bytes_measured(swept):
     _, table = swept
     for row in table:
-        profile = link.profile(row["link"])
-        expected = profile.transmit_s(row["bytes_up"]) * 1e3 + profile.rtt_ms / 2
-        assert row["uplink_ms_median"] == pytest.approx(expected, rel=0.05, abs=profile.jitter_ms)
+        profile = link.profile(row.link)
+        expected = profile.transmit_s(row.bytes_up) * 1e3 + profile.rtt_ms / 2
+        assert row.latency_ms["uplink"].median == pytest.approx(expected, rel=0.05, abs=profile.jitter_ms)
     slow, fast = (
         by(table, split="layer1", defence="none", link="3g"),
         by(table, split="layer1", defence="none", link="wifi"),
     )
-    assert slow["device_ms_median"] == fast["device_ms_median"]  # one run: only the link differs
-    assert slow["total_ms_median"] > fast["total_ms_median"] + 50
+    assert slow.latency_ms["device"] == fast.latency_ms["device"]  # one run: only the link differs
+    assert slow.total_ms() > fast.total_ms() + 50
 
 
 @pytest.mark.slow
@@ -82,8 +83,8 @@ def test_quantising_shrinks_the_bytes_and_keeps_the_accuracy(swept):
     _, table = swept
     plain = by(table, split="layer1", defence="none", link="wifi")
     four_bits = by(table, split="layer1", defence="quantise", link="wifi")
-    assert four_bits["bytes_up"] < plain["bytes_up"] / 6  # 4 bits for 32, plus scale, zero point and framing
-    assert abs(four_bits["accuracy_drop"]) <= 10  # 40 frames: a few may change
+    assert four_bits.bytes_up < plain.bytes_up / 6  # 4 bits for 32, plus scale, zero point and framing
+    assert abs(four_bits.accuracy_drop) <= 10  # 40 frames: a few may change
 
 
 @pytest.mark.slow
@@ -91,8 +92,8 @@ def test_undefended_decoder_leaks_more_at_the_first_split_than_the_last(swept):
     _, table = swept
     first = by(table, split="layer1", defence="none", link="wifi")
     last = by(table, split="layer3", defence="none", link="wifi")
-    assert first["decoder_ssim"] > last["decoder_ssim"]
-    assert first["accuracy_drop"] == 0
+    assert first.attacks["decoder"].ssim > last.attacks["decoder"].ssim
+    assert first.accuracy_drop == 0
 
 
 @pytest.mark.slow
@@ -110,16 +111,16 @@ def test_a_warm_rerun_runs_nothing(swept, tiny_model_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(sweep, "run_device", fail)
     assert run_sweep(tiny_model_dir, tmp_path) == 0
-    assert json.loads((tmp_path / "sweep.json").read_text()) == swept[1]
+    assert (tmp_path / "sweep.json").read_text() == (swept[0] / "sweep.json").read_text()
 
 
 @pytest.mark.slow
 def test_recommend_picks_the_fastest_configuration_within_the_bounds(swept, capsys):
     out, table = swept
     result = recommend.recommend(table, link_name="3g", max_ssim=0.9, max_drop=100.0)
-    eligible = [r for r in table if r["link"] == "3g" and r["max_ssim"] <= 0.9]
-    assert result["best"]["total_ms_median"] == min(r["total_ms_median"] for r in eligible)
-    assert len(result["verdicts"]) == len(SPLITS) * (1 + len(DEFENCES)) - 1
+    eligible = [r for r in table if r.link == "3g" and r.max_ssim <= 0.9]
+    assert result.best.total_ms() == min(r.total_ms() for r in eligible)
+    assert len(result.verdicts) == len(SPLITS) * (1 + len(DEFENCES)) - 1
     assert (
         cli.main(["recommend", "--sweep", str(out), "--link", "3g", "--max-ssim", "0.9", "--max-accuracy-drop", "100"])
         == 0

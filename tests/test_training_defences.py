@@ -2,7 +2,6 @@
 fresh decoder, and a defended variant exports with its `training_defence` and loads."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from conftest import TINY_TRAIN_IMAGES
 from splitleak import cli
 from splitleak.core import data, manifest
 from splitleak.model import train, zoo
+from splitleak.model.checkpoint import Checkpoint, TrainConfig, checkpoint_path, load_model, to_tensor, variant_name
 from splitleak.model.inverse import build_decoder
 from splitleak.model.objectives import activation_dcor, distance_correlation
 
@@ -67,11 +67,11 @@ def test_distance_correlation_has_a_finite_gradient_on_duplicated_samples():
     assert torch.isfinite(x.grad).all()
 
 
-def fine_tune(defence: str, strength: float, epochs: int = 2) -> dict:
+def fine_tune(defence: str, strength: float, epochs: int = 2) -> Checkpoint:
     """Fine-tune the suite's tiny ResNet-20 (conftest.tiny_checkpoint) with a training-time defence at layer1.
 
     Two epochs of the sample's 1,000 images: with one, NoPeek lowered distance correlation by only 0.06."""
-    config = train.TrainConfig(
+    config = TrainConfig(
         model="resnet20",
         dataset="cifar10",
         epochs=epochs,
@@ -86,12 +86,12 @@ def fine_tune(defence: str, strength: float, epochs: int = 2) -> dict:
 
 
 @pytest.fixture(scope="module")
-def nopeek_checkpoint(tiny_checkpoint) -> dict:
+def nopeek_checkpoint(tiny_checkpoint) -> Checkpoint:
     return fine_tune("nopeek", 1.0)
 
 
 @pytest.fixture(scope="module")
-def undefended_checkpoint(tiny_checkpoint) -> dict:
+def undefended_checkpoint(tiny_checkpoint) -> Checkpoint:
     """The same fine-tuning with the defence's weight at zero: its gradients are exactly the task's."""
     return fine_tune("nopeek", 0.0)
 
@@ -100,8 +100,7 @@ def undefended_checkpoint(tiny_checkpoint) -> dict:
 def test_images(tiny_checkpoint) -> torch.Tensor:
     test = data.load("cifar10", "test")
     pick = np.random.default_rng(1).permutation(len(test))[:512]
-    inp = tiny_checkpoint["input"]
-    return train.to_tensor(test.images[pick], np.asarray(inp["mean"], np.float32), np.asarray(inp["std"], np.float32))
+    return to_tensor(test.images[pick], tiny_checkpoint.mean, tiny_checkpoint.std)
 
 
 @pytest.mark.slow
@@ -109,20 +108,19 @@ def test_nopeek_lowers_distance_correlation_against_the_undefended_model_trained
     nopeek_checkpoint, undefended_checkpoint, test_images
 ):
     dcor = {
-        name: activation_dcor(train.load_model(c), SPLIT, test_images)
+        name: activation_dcor(load_model(c), SPLIT, test_images)
         for name, c in (("nopeek", nopeek_checkpoint), ("undefended", undefended_checkpoint))
     }
     assert dcor["nopeek"] < dcor["undefended"] - 0.1, dcor
     # The task survives: a penalty this strong still leaves the tiny model well above chance (10%).
-    assert nopeek_checkpoint["test_accuracy"] > 0.2
+    assert nopeek_checkpoint.test_accuracy > 0.2
 
 
-def fresh_decoder_mse(checkpoint: dict, test_images: torch.Tensor, epochs: int = 3) -> float:
+def fresh_decoder_mse(checkpoint: Checkpoint, test_images: torch.Tensor, epochs: int = 3) -> float:
     """The attacker's decoder, trained afresh on the head's activations of training images; its test MSE."""
-    head = zoo.split(train.load_model(checkpoint), SPLIT)[0]
-    mean, std = (np.asarray(checkpoint["input"][k], np.float32) for k in ("mean", "std"))
-    x = train.to_tensor(data.load("cifar10", "train").images[:1000], mean, std)
-    mean, std = torch.from_numpy(mean)[:, None, None], torch.from_numpy(std)[:, None, None]
+    head = zoo.split(load_model(checkpoint), SPLIT)[0]
+    x = to_tensor(data.load("cifar10", "train").images[:1000], checkpoint.mean, checkpoint.std)
+    mean, std = torch.from_numpy(checkpoint.mean)[:, None, None], torch.from_numpy(checkpoint.std)[:, None, None]
     torch.manual_seed(0)
     with torch.no_grad():
         activation, test_activation = head(x), head(test_images)
@@ -148,13 +146,14 @@ def test_adversarial_training_raises_a_fresh_decoders_reconstruction_error(tiny_
         for name, c in (("adversarial", defended), ("undefended", undefended))
     }
     assert mse["adversarial"] > 1.2 * mse["undefended"], mse
-    assert defended["test_accuracy"] > 0.2
+    assert defended.test_accuracy > 0.2
 
 
 @pytest.mark.slow
 def test_an_exported_variant_carries_its_training_defence_and_loads(nopeek_checkpoint, tiny_model_dir):
-    out = Path(nopeek_checkpoint["path"]).parent.parent / "models" / "resnet20-cifar10-nopeek1.0-layer1"
-    assert cli.main(["export", "--checkpoint", nopeek_checkpoint["path"], "--calibration-images", "16"]) == 0
+    path = checkpoint_path(nopeek_checkpoint.config)
+    out = path.parent.parent / "models" / "resnet20-cifar10-nopeek1.0-layer1"
+    assert cli.main(["export", "--checkpoint", str(path), "--calibration-images", "16"]) == 0
     variant = manifest.load(out)
     assert variant.name == "resnet20-cifar10-nopeek1.0-layer1"
     assert variant.training_defence == {
@@ -176,7 +175,7 @@ def test_training_flags_make_a_defended_config_and_refuse_half_of_one():
     args = parser.parse_args(["--defence", "nopeek", "--strength", "0.5", "--from-checkpoint", "--epochs", "2"])
     config = train.config_from_args(args)
     assert (config.defence, config.strength, config.split, config.lr) == ("nopeek", 0.5, "layer1", train.FINE_TUNE_LR)
-    assert train.variant_name(config) == "resnet20-cifar10-nopeek0.5-layer1"
+    assert variant_name(config) == "resnet20-cifar10-nopeek0.5-layer1"
     for bad in (
         ["--strength", "1"],
         ["--defence", "nopeek"],

@@ -1,7 +1,9 @@
 """The attacks, by name: each is a class in a file of its own here, and one line in ATTACKS.
 
-Every attack says what it knows in `knowledge` and cites its paper in its module's docstring; see base.py for the
-shape they share.
+Every attack declares what it knows in `knowledge`, what it is given (`needs_auxiliary`, `needs_labels`, `adaptive`)
+and its `Knobs`, and cites its paper in its module's docstring; see base.py for the shape they share. An attack from
+outside the repository is a module of its own with its class and one line, `register_attack(TheAttack)`, named in
+SPLITLEAK_ATTACKS (splitleak.core.plugins).
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ from splitleak.attacker.attacks.datafree import DivideAndConquerInversion
 from splitleak.attacker.attacks.decoder import InverseNetwork
 from splitleak.attacker.attacks.rmle import RegularizedMLE
 from splitleak.attacker.attacks.shadow import ShadowModel
+from splitleak.core.plugins import Registry
 
-ATTACKS: dict[str, type[Attack]] = {
-    "rmle": RegularizedMLE,
-    "decoder": InverseNetwork,
-    "datafree": DivideAndConquerInversion,
-    "shadow": ShadowModel,
-}
+ATTACKS: Registry[type[Attack]] = Registry(
+    "attack",
+    Attack,
+    {"name": str, "knowledge": str},
+    (RegularizedMLE, InverseNetwork, DivideAndConquerInversion, ShadowModel),
+    variable="SPLITLEAK_ATTACKS",
+)
+register_attack = ATTACKS.register
 
 
-def build(name: str, **knobs) -> Attack:
-    """The attack called `name`, built (and trained, if it trains) with `knobs`."""
+def build(name: str, **given) -> Attack:
+    """The attack called `name`, built (and trained, if it trains) with what it is `given`: knowledge and knobs."""
     if name not in ATTACKS:
         raise KeyError(f"unknown attack {name!r}; the attacks are {', '.join(ATTACKS)}")
-    return ATTACKS[name](**knobs)
+    return ATTACKS[name](**given)

@@ -25,6 +25,8 @@ them into the convolutions (torch.onnx's default constant folding, TFLite, Core 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx2torch
 import torch
@@ -32,10 +34,9 @@ import torch.nn.functional as F
 from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 from torch import fx, nn
 
-from splitleak.attacker.attacks.base import Attack, cache_path, check_positive
+from splitleak.attacker.attacks.base import Attack, adaptive_knobs, cache_path, check_not_negative, check_positive
 from splitleak.attacker.attacks.rmle import total_variation
 from splitleak.core import defences
-from splitleak.core.manifest import Manifest
 
 # As in DeepInversion's code, the first batch norm counts ten times as much as the others: it alone sees the image's
 # colours and edges. The priors' weights were tuned at the stem of ResNet-20 on CIFAR-10 (pixels in [0, 1]): a TV
@@ -114,39 +115,29 @@ class DivideAndConquerInversion(Attack):
         "The head's architecture and weights (its ONNX file, pulled out of the app), batch-norm statistics "
         "included, and no data at all."
     )
+    adaptive = True
 
-    def __init__(
-        self,
-        *,
-        manifest: Manifest,
-        split: str,
-        synthetic_images: int = 256,
-        synthesis_steps: int = 300,
-        epochs: int = 30,
-        batch_size: int = 64,
-        lr: float = 1e-3,
-        width: int = 64,
-        cycle_weight: float = 1.0,
-        seed: int = 0,
-        defence: str = "none",
-        strength: float | None = None,
-        adapt_epochs: int = 10,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(manifest=manifest, split=split)
-        check_positive(
-            synthetic_images=synthetic_images,
-            synthesis_steps=synthesis_steps,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            width=width,
-            adapt_epochs=adapt_epochs,
-        )
-        self.defence = defences.build(defence, strength=strength, split=self.split)
-        self._rng = np.random.default_rng(seed)
-        if cycle_weight < 0:
-            raise ValueError(f"cycle_weight must be at least 0, not {cycle_weight!r}")
+    @dataclass(frozen=True)
+    class Knobs:
+        synthetic_images: int = 256
+        synthesis_steps: int = 300
+        epochs: int = 30
+        batch_size: int = 64
+        lr: float = 1e-3
+        width: int = 64
+        cycle_weight: float = 1.0
+        seed: int = 0
+        adapt_epochs: int = 10
+
+        def __post_init__(self) -> None:
+            names = ("synthetic_images", "synthesis_steps", "epochs", "batch_size", "lr", "width", "adapt_epochs")
+            check_positive(self, *names)
+            check_not_negative(self, "cycle_weight")
+
+    def __init__(self, **given) -> None:
+        super().__init__(**given)
+        manifest, split, k = self.manifest, self.split.name, self.knobs
+        self._rng = np.random.default_rng(k.seed)
         head = onnx2torch.convert(str(self.split.head)).eval()
         head.requires_grad_(False)
         self.batch_norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm | OnnxBatchNorm)]
@@ -160,33 +151,24 @@ class DivideAndConquerInversion(Attack):
         self.std = torch.from_numpy(manifest.std)[:, None, None]
         self.blocks = blocks_of(head)
         shapes = self._shapes()
-        self.inverses = nn.ModuleList(inverse_block(shapes[k + 1], shapes[k], width) for k in range(len(self.blocks)))
-        knobs = {
-            "synthetic_images": synthetic_images,
-            "synthesis_steps": synthesis_steps,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "width": width,
-            "cycle_weight": cycle_weight,
-            "seed": seed,
-        }
+        self.inverses = nn.ModuleList(inverse_block(shapes[j + 1], shapes[j], k.width) for j in range(len(self.blocks)))
+        undefended_knobs, knobs = adaptive_knobs(self)
         undefended = self.defence.name == "none"
         path = cache_path(self.name, manifest, split, knobs)
-        if not undefended:
-            defended = dict(knobs, defence=self.defence.name, strength=self.defence.strength, adapt_epochs=adapt_epochs)
-            path = cache_path(self.name, manifest, split, defended)
-        train = dict(batch_size=batch_size, lr=lr, cycle_weight=cycle_weight, progress=progress)
+        train = dict(batch_size=k.batch_size, lr=k.lr, cycle_weight=k.cycle_weight, progress=self.progress)
         if path.exists():
             self.inverses.load_state_dict(torch.load(path, weights_only=True))
         else:
-            synthesis = dict(n=synthetic_images, steps=synthesis_steps, batch_size=batch_size, seed=seed)
-            synthetic = self._synthetic(cache_path(self.name, manifest, split, knobs), **synthesis, progress=progress)
+            synthesis = dict(n=k.synthetic_images, steps=k.synthesis_steps, batch_size=k.batch_size, seed=k.seed)
+            undefended_path = cache_path(self.name, manifest, split, undefended_knobs)
+            synthetic = self._synthetic(undefended_path, **synthesis, progress=self.progress)
             if not undefended:  # start from the undefended inverses
-                start = DivideAndConquerInversion(manifest=manifest, split=split, progress=progress, **knobs)
+                start = DivideAndConquerInversion(
+                    manifest=manifest, split=split, progress=self.progress, **undefended_knobs
+                )
                 self.inverses.load_state_dict(start.inverses.state_dict())
-            torch.manual_seed(seed)
-            self._train(synthetic, epochs=epochs if undefended else adapt_epochs, **train)
+            torch.manual_seed(k.seed)
+            self._train(synthetic, epochs=k.epochs if undefended else k.adapt_epochs, **train)
             torch.save(self.inverses.state_dict(), path)
         self.inverses.eval()
 

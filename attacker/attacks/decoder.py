@@ -16,78 +16,76 @@ The network g is splitleak.model.inverse.build_decoder.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, query, session
+from splitleak.attacker.attacks.base import Attack, adaptive_knobs, cache_path, check_positive, query, session
 from splitleak.core import defences
-from splitleak.core.manifest import Manifest
 from splitleak.model.inverse import build_decoder
 
 
 class InverseNetwork(Attack):
     name = "decoder"
     knowledge = "Black-box queries to the head on auxiliary images of the same kind as the victim's, none of them."
+    needs_auxiliary = True
+    adaptive = True
+    exportable = True
 
-    def __init__(
-        self,
-        *,
-        manifest: Manifest,
-        split: str,
-        auxiliary: np.ndarray,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 1e-3,
-        width: int = 64,
-        seed: int = 0,
-        defence: str = "none",
-        strength: float | None = None,
-        adapt_epochs: int = 2,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(manifest=manifest, split=split)
-        check_positive(epochs=epochs, batch_size=batch_size, lr=lr, width=width, adapt_epochs=adapt_epochs)
-        self.defence = defences.build(defence, strength=strength, split=self.split)
-        if auxiliary is None or len(auxiliary) == 0:
-            raise ValueError("the decoder attack needs auxiliary images to query the head with")
-        if auxiliary.dtype != np.uint8 or auxiliary.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"auxiliary images must be uint8 {self.image_shape} (N, H, W, C) like the model's "
-                f"input, not {auxiliary.dtype} {auxiliary.shape[1:]}"
-            )
-        knobs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "width": width, "seed": seed}
+    @dataclass(frozen=True)
+    class Knobs:
+        epochs: int = 10
+        batch_size: int = 64
+        lr: float = 1e-3
+        width: int = 64
+        seed: int = 0
+        adapt_epochs: int = 2
+
+        def __post_init__(self) -> None:
+            check_positive(self, "epochs", "batch_size", "lr", "width", "adapt_epochs")
+
+    def __init__(self, **given) -> None:
+        super().__init__(**given)
+        k, auxiliary = self.knobs, self.auxiliary
+        undefended_knobs, knobs = adaptive_knobs(self)
         undefended = self.defence.name == "none"
-        if not undefended:
-            knobs.update(defence=self.defence.name, strength=self.defence.strength, adapt_epochs=adapt_epochs)
-        path = cache_path(self.name, manifest, split, knobs, auxiliary)
+        path = cache_path(self.name, self.manifest, self.split.name, knobs, auxiliary)
         if path.exists():
-            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
+            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, k.width)
             self.decoder.load_state_dict(torch.load(path, weights_only=True))
         elif undefended:
-            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, width)
-            self._train(auxiliary, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            self.decoder = build_decoder(self.split.activation_shape, self.image_shape, k.width)
+            self._train(epochs=k.epochs)
             torch.save(self.decoder.state_dict(), path)
         else:
-            base = {k: knobs[k] for k in ("epochs", "batch_size", "lr", "width", "seed")}
-            start = InverseNetwork(manifest=manifest, split=split, auxiliary=auxiliary, progress=progress, **base)
+            start = InverseNetwork(
+                manifest=self.manifest,
+                split=self.split.name,
+                auxiliary=auxiliary,
+                progress=self.progress,
+                **undefended_knobs,
+            )
             self.decoder = start.decoder
-            self._train(auxiliary, epochs=adapt_epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+            self._train(epochs=k.adapt_epochs)
             torch.save(self.decoder.state_dict(), path)
         self.decoder.eval()
 
-    def _train(
-        self, auxiliary: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int, progress: bool
-    ) -> None:
+    def network(self) -> torch.nn.Module:
+        return self.decoder
+
+    def _train(self, *, epochs: int) -> None:
         from tqdm import tqdm
 
+        auxiliary, batch_size, seed = self.auxiliary, self.knobs.batch_size, self.knobs.seed
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         head = session(self.split.head)
-        optimizer = torch.optim.Adam(self.decoder.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(self.decoder.parameters(), lr=self.knobs.lr)
         steps = -(-len(auxiliary) // batch_size)
         self.decoder.train()
-        for _ in tqdm(range(epochs), desc=f"{self.name} at {self.split.name}", disable=not progress):
+        for _ in tqdm(range(epochs), desc=f"{self.name} at {self.split.name}", disable=not self.progress):
             order = rng.permutation(len(auxiliary))
             for step in range(steps):
                 images = auxiliary[order[step * batch_size : (step + 1) * batch_size]]

@@ -6,7 +6,6 @@ const $ = (id) => document.getElementById(id);
 const ATTACK_COLOURS = ["#f0883e", "#a371f7", "#3fb950", "#58a6ff"];
 const STAGE_COLOURS = ["#8b949e", "#58a6ff", "#a371f7", "#d29922", "#f0883e", "#3fb950", "#db61a2", "#79c0ff"];
 const WINDOW_S = 30; // the plots show the last WINDOW_S seconds
-const RECOGNISABLE_SSIM = 0.3; // He, Zhang and Lee (ACSAC 2019): above this a person recognises the picture
 const STAGE_HISTORY = 100;
 
 let config = null;
@@ -167,7 +166,8 @@ function drawPlots() {
     colour: ATTACK_COLOURS[index % ATTACK_COLOURS.length],
     values: points.filter((p) => p.ssim && name in p.ssim).map((p) => [p.t, p.ssim[name]]),
   }));
-  plot($("ssim-plot"), ssim, { yMax: 1, guide: RECOGNISABLE_SSIM });
+  // The guide is splitleak.core.facts.RECOGNISABLE_SSIM (He, Zhang and Lee, ACSAC 2019), sent in the config.
+  plot($("ssim-plot"), ssim, { yMax: 1, guide: config.recognisable_ssim });
   const latency = points.filter((p) => p.latency !== undefined).map((p) => [p.t, p.latency]);
   const recent = latency.filter(([t]) => t >= (points.length ? points[points.length - 1].t : 0) - WINDOW_S);
   const high = recent.reduce((most, [, v]) => Math.max(most, v), 0);
@@ -346,14 +346,14 @@ function options(select, entries) {
   select.innerHTML = entries.map(([value, text]) => `<option value="${value}">${text}</option>`).join("");
 }
 
+// The slider is what the defence's class declares: its stretch, step and where it starts (none: nothing to choose).
 function strengthFor(name, strength) {
-  const { range, default: fallback } = config.defences[name];
+  const { slider, default: fallback } = config.defences[name];
   const input = $("strength");
-  $("strength-control").hidden = !range;
-  if (!range) return fallback ?? 0;
-  [input.min, input.max, input.step] = range;
-  const start = strength ?? fallback ?? range[0] + Math.round((range[1] - range[0]) / 4 / range[2]) * range[2];
-  input.value = start;
+  $("strength-control").hidden = !slider;
+  if (!slider) return fallback ?? 0;
+  [input.min, input.max, input.step] = [slider.low, slider.high, slider.step];
+  input.value = strength ?? slider.start;
   $("strength-value").textContent = Number(input.value).toFixed(2);
   return Number(input.value);
 }
@@ -384,6 +384,7 @@ function buildControls() {
   $("model").textContent = `${config.model} · frames from ${config.dataset}`;
   $("identity-note").hidden = !config.identity_note;
   $("identity-note").textContent = config.identity_note || "";
+  $("recognisable-ssim").textContent = config.recognisable_ssim;
   const splits = Object.entries(config.splits);
   const attacked = (split) => Object.values(config.attacks).some((a) => split in a.held_out);
   const splitText = (name, s) => `${name} (${s.shape.join("×")})${attacked(name) ? "" : " · no attack trained"}`;

@@ -258,7 +258,14 @@ def _split(buffer: bytes) -> tuple[list[tuple[int, bytes]], int]:
 def read(path: str | Path) -> Capture:
     """Read a capture, live or finished; a cut-short last record and requests that do not decode are left out."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path} is not a capture: no meta.json (splitleak attacker proxy --capture makes one)")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'meta.json'} is not JSON ({e}): not a capture, or one cut short") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / 'meta.json'} holds {type(meta).__name__}, not the object a capture's meta.json is")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
             f"{path} is not a version {VERSION} {FORMAT} (meta.json says {meta.get('format')!r} "

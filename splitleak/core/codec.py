@@ -21,6 +21,7 @@ Split-specific facts ride in the request and response `parameters` maps, so a st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,6 +47,9 @@ DATATYPES: dict[str, np.dtype] = {
     }.items()
 }
 _NAMES = {dtype.base: name for name, dtype in DATATYPES.items()}
+# numpy's own limit on an array's dimensions; checked before the shape is multiplied out, so a hostile shape of a
+# million dimensions costs nothing.
+MAX_DIMS = 64
 
 ParamValue = bool | int | float | str
 
@@ -125,16 +129,22 @@ def _decode(tensors, raw, kind: str) -> dict[str, np.ndarray]:
             raise CodecError(
                 f"{kind} {tensor.name!r}: unknown datatype {tensor.datatype!r}; expected one of {', '.join(DATATYPES)}"
             )
+        if len(tensor.shape) > MAX_DIMS:
+            raise CodecError(f"{kind} {tensor.name!r}: {len(tensor.shape)} dimensions; at most {MAX_DIMS}")
         if any(d < 0 for d in tensor.shape):
             raise CodecError(f"{kind} {tensor.name!r}: negative dimension in shape {list(tensor.shape)}")
         dtype = DATATYPES[tensor.datatype]
         if not raw:
             raise CodecError(f"{kind} {tensor.name!r}: tensors must be sent in raw_{kind}_contents")
-        expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
+        # Python ints: an element count past int64 (a shape [1, 2**32, 2**32]) is just a number of bytes not sent.
+        expected = math.prod(tensor.shape) * dtype.itemsize
         if len(raw[i]) != expected:
             raise CodecError(
                 f"{kind} {tensor.name!r}: {len(raw[i])} bytes, expected {expected} "
                 f"for {tensor.datatype} of shape {list(tensor.shape)}"
             )
-        arrays[tensor.name] = np.frombuffer(raw[i], dtype).reshape(tensor.shape)
+        try:
+            arrays[tensor.name] = np.frombuffer(raw[i], dtype).reshape(tensor.shape)
+        except ValueError as e:  # an empty tensor whose other dimensions numpy cannot hold: [0, 2**62, 2**62]
+            raise CodecError(f"{kind} {tensor.name!r}: shape {list(tensor.shape)}: {e}") from None
     return arrays

@@ -35,6 +35,15 @@ class Dataset:
     def take(self, indices) -> Dataset:
         return Dataset(self.name, self.images[indices], self.labels[indices], self.classes)
 
+    def labels_as(self, classes: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+        """The labels as indices into a model's `classes`, matched by class name (an image folder's sub-folders come
+        sorted, a model's classes in its own order); -1 for an image whose class the model does not know. Also the
+        names of this data set's classes that found no match, for the caller to warn about."""
+        index = {name: i for i, name in enumerate(classes)}
+        mapping = np.array([index.get(name, -1) for name in self.classes] + [-1], np.int64)  # label -1 stays -1
+        unmapped = [name for name in self.classes if name not in index]
+        return mapping[self.labels], unmapped
+
 
 def data_root() -> Path | None:
     if env := os.environ.get("SPLITLEAK_DATA"):

@@ -7,6 +7,11 @@ that describe their form. Noise and dropout have no inverse, which is the point;
 the form in which the activation travels, and `restore` turns any form back into the float32 activation the tail
 takes, whichever defence produced it, so the cloud never needs to know the defence.
 
+What a defence offers is declared on its class, never guessed: `strengths` (what a strength measures, the values it
+takes, its default, and the stretch the demo's slider shows), which `build`, the device's --help, the sweep and the
+demo read; and `received` (what an attacker who knows the defence can say of what arrives), which rMLE models. A
+defence from outside the repository is a module with its class and `register_defence` (splitleak.core.plugins).
+
 | name | strength | what travels | after |
 |---|---|---|---|
 | `none` | - | FP32 activation | |
@@ -44,14 +49,18 @@ takes, whichever defence produced it, so the cloud never needs to know the defen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 import numpy as np
 
 from splitleak.core.manifest import Split
+from splitleak.core.plugins import Registry
 
 Tensors = dict[str, np.ndarray]
 Parameters = dict[str, int | float | str]
@@ -64,22 +73,77 @@ class RestoreError(ValueError):
     """A request's tensors are in no form `restore` knows: the cloud answers INVALID_ARGUMENT."""
 
 
+@dataclass(frozen=True)
+class Slider:
+    """The demo's slider for a defence's strength: the stretch of its range worth showing, not all of it."""
+
+    low: float
+    high: float
+    step: float
+    start: float  # where the slider stands when the page switches to the defence
+
+
+@dataclass(frozen=True)
+class Strengths:
+    """What a defence's strength measures and which values it takes, declared once per defence: `build` checks every
+    strength against it, and the device's --help, the sweep and the demo's slider read it."""
+
+    means: str  # what a strength measures, in words; `describe` adds the range
+    low: float = 0.0
+    high: float = 0.0  # math.inf: no upper bound
+    below_high: bool = False  # [low, high) rather than [low, high]: dropout's 1 would zero everything
+    whole: bool = False  # whole numbers only (bits)
+    default: float | None = None  # what `build` takes when given no strength; None: the user must give one
+    slider: Slider | None = None  # None: nothing to choose, the strength being unused
+
+    def __post_init__(self) -> None:
+        for value in (self.default, *((self.slider.low, self.slider.high, self.slider.start) if self.slider else ())):
+            if value is not None and not self.allows(value):
+                raise ValueError(f"{value:g} is outside the strengths it is declared among: {self.describe()}")
+
+    def allows(self, strength: float) -> bool:
+        below = strength < self.high if self.below_high else strength <= self.high
+        return self.low <= strength and below and (not self.whole or float(strength).is_integer())
+
+    def describe(self) -> str:
+        if self.low == self.high:
+            return f"{self.means} ({self.low:g})"
+        if math.isinf(self.high):
+            return f"{self.means} (>= {self.low:g})"
+        if self.whole:
+            return f"{self.means}, a whole number from {self.low:g} to {self.high:g}"
+        return f"{self.means}, in [{self.low:g}, {self.high:g}{')' if self.below_high else ']'}"
+
+
+class Received(Enum):
+    """What arrives of a defended activation, as an attacker who knows the defence models it (rMLE's distance,
+    splitleak.attacker.attacks.rmle)."""
+
+    NEAR = "near"  # the activation give or take noise or rounding: the plain squared distance already fits it
+    MASKED = "masked"  # elements the defence zeroed, and the rest as they were times `kept_scale`
+
+
 class Defence(ABC):
     name: ClassVar[str]  # the name `build` and `splitleak device --defence` know it by
-    strength_means: ClassVar[str]  # what `strength` measures, for --help and errors
-    default_strength: ClassVar[float | None] = None  # None: the user must give one
+    strengths: ClassVar[Strengths]  # what `strength` measures and which values it takes
+    received: ClassVar[Received | None] = None  # None: no form an attack can model (rMLE refuses it)
 
     def __init__(self, *, strength: float, split: Split) -> None:
         self.strength = float(strength)
         self.split = split
+        if not self.strengths.allows(self.strength):
+            raise ValueError(
+                f"{self.name}: strength {self.strength:g} is out of range; it is {self.strengths.describe()}"
+            )
+
+    @property
+    def kept_scale(self) -> float:
+        """With `received` MASKED: what the elements that were not zeroed are multiplied by."""
+        return 1.0
 
     @abstractmethod
     def apply(self, activation: np.ndarray, rng: np.random.Generator) -> tuple[Tensors, Parameters]:
         """float32 (B, *activation_shape) -> (the tensors to send, the request parameters describing their form)."""
-
-    def _check_strength(self, ok: bool) -> None:
-        if not ok:
-            raise ValueError(f"{self.name}: strength {self.strength:g} is out of range; it is {self.strength_means}")
 
     def _calibration(self, field: str):
         value = getattr(self.split, field)
@@ -92,14 +156,13 @@ class Defence(ABC):
         return value
 
 
+UNUSED = Strengths("unused", default=0.0)
+
+
 class NoDefence(Defence):
     name = "none"
-    strength_means = "unused (0)"
-    default_strength = 0.0
-
-    def __init__(self, *, strength: float, split: Split) -> None:
-        super().__init__(strength=strength, split=split)
-        self._check_strength(self.strength == 0)
+    strengths = UNUSED
+    received = Received.NEAR
 
     def apply(self, activation, rng):
         return {"activation": activation}, {}
@@ -107,11 +170,13 @@ class NoDefence(Defence):
 
 class GaussianNoise(Defence):
     name = "gaussian"
-    strength_means = "the noise std as a multiple of the split's reference std (>= 0)"
+    strengths = Strengths(
+        "the noise std as a multiple of the split's reference std", high=math.inf, slider=Slider(0, 2, 0.05, 0.5)
+    )
+    received = Received.NEAR  # the squared distance is the maximum-likelihood fit under Gaussian noise
 
     def __init__(self, *, strength: float, split: Split) -> None:
         super().__init__(strength=strength, split=split)
-        self._check_strength(self.strength >= 0)
         self.sigma = self.strength * self._calibration("reference_std")
 
     def apply(self, activation, rng):
@@ -131,11 +196,14 @@ class LaplaceNoise(GaussianNoise):
 
 class Dropout(Defence):
     name = "dropout"
-    strength_means = "the fraction of elements zeroed, in [0, 1)"
+    strengths = Strengths(
+        "the fraction of elements zeroed", high=1, below_high=True, slider=Slider(0, 0.95, 0.05, 0.25)
+    )
+    received = Received.MASKED
 
-    def __init__(self, *, strength: float, split: Split) -> None:
-        super().__init__(strength=strength, split=split)
-        self._check_strength(0 <= self.strength < 1)
+    @property
+    def kept_scale(self) -> float:
+        return 1 / (1 - self.strength)
 
     def apply(self, activation, rng):
         keep = rng.random(self._mask_shape(activation.shape)) >= self.strength
@@ -147,7 +215,7 @@ class Dropout(Defence):
 
 class ChannelDropout(Dropout):
     name = "channel-dropout"
-    strength_means = "the fraction of channels zeroed, in [0, 1)"
+    strengths = dataclasses.replace(Dropout.strengths, means="the fraction of channels zeroed")
 
     def _mask_shape(self, shape):
         return (*shape[:2], *(1,) * (len(shape) - 2))  # one draw per (frame, channel)
@@ -155,12 +223,8 @@ class ChannelDropout(Dropout):
 
 class HalfPrecision(Defence):
     name = "fp16"
-    strength_means = "unused (0)"
-    default_strength = 0.0
-
-    def __init__(self, *, strength: float, split: Split) -> None:
-        super().__init__(strength=strength, split=split)
-        self._check_strength(self.strength == 0)
+    strengths = UNUSED
+    received = Received.NEAR  # rounded to within half a unit in the last place
 
     def apply(self, activation, rng):
         return {"activation": activation.astype(np.float16)}, {}
@@ -168,13 +232,12 @@ class HalfPrecision(Defence):
 
 class Quantise(Defence):
     name = "quantise"
-    strength_means = "the bits per element, an integer from 1 to 8"
-    default_strength = 8.0
+    strengths = Strengths("the bits per element", low=1, high=8, whole=True, default=8.0, slider=Slider(1, 8, 1, 8))
+    received = Received.NEAR  # restored to within one step
     per_channel = False
 
     def __init__(self, *, strength: float, split: Split) -> None:
         super().__init__(strength=strength, split=split)
-        self._check_strength(self.strength in range(1, 9))
         self.bits = int(self.strength)
 
     def apply(self, activation, rng):
@@ -190,11 +253,16 @@ class QuantisePerChannel(Quantise):
 
 class TopK(Defence):
     name = "topk"
-    strength_means = "the fraction of channels pruned, in [0, 1) (at least one channel is kept)"
+    strengths = Strengths(
+        "the fraction of channels pruned (at least one channel is kept)",
+        high=1,
+        below_high=True,
+        slider=Slider(0, 0.95, 0.05, 0.25),
+    )
+    received = Received.MASKED  # the pruned channels arrive as zeros, the kept ones as they were
 
     def __init__(self, *, strength: float, split: Split) -> None:
         super().__init__(strength=strength, split=split)
-        self._check_strength(0 <= self.strength < 1)
         ranking = self._calibration("channel_ranking")  # most important first
         channels = split.activation_shape[0]
         self.k = max(1, channels - round(self.strength * channels))
@@ -205,9 +273,13 @@ class TopK(Defence):
         return {"activation": np.ascontiguousarray(activation[:, self.kept]), "channels": kept}, {}
 
 
-DEFENCES: dict[str, type[Defence]] = {
-    cls.name: cls
-    for cls in (
+# A defence from outside the repository registers here with one line, `register_defence(TheDefence)`, in a module that
+# SPLITLEAK_DEFENCES names (splitleak.core.plugins).
+DEFENCES: Registry[type[Defence]] = Registry(
+    "defence",
+    Defence,
+    {"name": str, "strengths": Strengths},
+    (
         NoDefence,
         GaussianNoise,
         LaplaceNoise,
@@ -217,8 +289,10 @@ DEFENCES: dict[str, type[Defence]] = {
         Quantise,
         QuantisePerChannel,
         TopK,
-    )
-}
+    ),
+    variable="SPLITLEAK_DEFENCES",
+)
+register_defence = DEFENCES.register
 
 
 def build(name: str, *, strength: float | None = None, split: Split) -> Defence:
@@ -227,9 +301,9 @@ def build(name: str, *, strength: float | None = None, split: Split) -> Defence:
         raise KeyError(f"unknown defence {name!r}; defences: {', '.join(DEFENCES)}")
     cls = DEFENCES[name]
     if strength is None:
-        if cls.default_strength is None:
-            raise ValueError(f"{name} needs a strength: {cls.strength_means}")
-        strength = cls.default_strength
+        if cls.strengths.default is None:
+            raise ValueError(f"{name} needs a strength: {cls.strengths.describe()}")
+        strength = cls.strengths.default
     return cls(strength=strength, split=split)
 
 

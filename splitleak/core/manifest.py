@@ -76,12 +76,27 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class ManifestError(ValueError):
+    """A model folder that is not a complete export: the message names the file and what is missing or wrong."""
+
+
 def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manifest:
     root = Path(root)
     path = root / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{root} is not an exported model: no manifest.json (make one with splitleak export)")
-    raw = json.loads(path.read_text())
+    if not path.is_file():
+        raise ManifestError(f"{root} is not an exported model: no manifest.json (make one with splitleak export)")
+    try:
+        return _parse(root, json.loads(path.read_text()), verify)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not JSON: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        # A hand-edited or truncated manifest: name what is missing rather than fail deep in the caller.
+        what = f"the key {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
+        raise ManifestError(f"{path} is not a manifest splitleak export writes: {what}") from None
+
+
+def _parse(root: Path, raw: dict, verify: bool) -> Manifest:
+    path = root / "manifest.json"
     splits = {}
     for name, s in raw["splits"].items():
         calibration = s.get("calibration", {})
@@ -94,10 +109,12 @@ def load(root: str | Path = DEFAULT_MODEL_DIR, *, verify: bool = True) -> Manife
             calibration.get("reference_std"),
             tuple(calibration["channel_ranking"]) if "channel_ranking" in calibration else None,
         )
-        if verify:
-            for part in ("head", "tail"):
-                if sha256(getattr(split, part)) != s["sha256"][part]:
-                    raise ValueError(f"{getattr(split, part)} does not match the sha256 in {path}")
+        for part in ("head", "tail"):
+            file = getattr(split, part)
+            if not file.is_file():
+                raise ManifestError(f"{path} names {file.name}, which is not in {root}")
+            if verify and sha256(file) != s["sha256"][part]:
+                raise ManifestError(f"{file} does not match the sha256 in {path} (changed or truncated since export)")
         splits[name] = split
     inp = raw["input"]
     return Manifest(

@@ -6,34 +6,45 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAGES = ("preprocess", "head", "defence", "encode", "uplink", "cloud", "downlink", "total")
+from splitleak.core.records import STAGES, FrameRecord
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """Median and p95 of each stage (ms), mean bytes per frame each way, accuracy over the labelled frames."""
-    done = [r for r in records if r.get("error") is None]
-    labelled = [r for r in done if r["label"] >= 0]
+def summarize(records: Sequence[FrameRecord]) -> dict:
+    """Median and p95 of each stage (ms), mean bytes per frame each way, accuracy over the labelled frames, all of
+    the frames answered without an error; those the cloud refused (errors), never answered (the run ended first) or
+    were sent again after a break (resent) are counted."""
+    done = [r for r in records if r.error is None and not r.unanswered]
+    labelled = [r for r in done if r.label >= 0]
     summary: dict = {
         "frames": len(records),
-        "errors": len(records) - len(done),
-        "accuracy": float(np.mean([r["prediction"] == r["label"] for r in labelled])) if labelled else None,
+        "errors": sum(r.error is not None for r in records),
+        "unanswered": sum(r.unanswered for r in records),
+        "resent": sum(r.resent for r in records),
+        "accuracy": float(np.mean([r.prediction == r.label for r in labelled])) if labelled else None,
         "labelled": len(labelled),
-        "bytes_up": float(np.mean([r["bytes_up"] for r in done])) if done else None,
-        "bytes_down": float(np.mean([r["bytes_down"] for r in done])) if done else None,
+        "bytes_up": float(np.mean([r.bytes_up for r in done])) if done else None,
+        "bytes_down": float(np.mean([r.bytes_down for r in done])) if done else None,
         "stages_ms": {},
     }
+    stages_ms = [r.stages_ms() for r in done]
     for stage in STAGES:
-        values = np.array([r[f"{stage}_ms"] for r in done])
+        values = np.array([stages[stage] for stages in stages_ms])
         if len(values):
             summary["stages_ms"][stage] = {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
     if len(done) > 1:
-        span_s = (max(r["end_ns"] for r in done) - min(r["start_ns"] for r in done)) / 1e9
+        span_s = (max(r.end_ns for r in done) - min(r.start_ns for r in done)) / 1e9
         summary["frames_per_s"] = len(done) / span_s
     return summary
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"frames: {summary['frames']} ({summary['errors']} errors)"]
+    unanswered = f", {summary['unanswered']} unanswered" if summary.get("unanswered") else ""
+    lines = [f"frames: {summary['frames']} ({summary['errors']} errors{unanswered})"]
+    if summary.get("reconnects"):
+        lines.append(
+            f"reconnects: {summary['reconnects']} ({summary['resent']} frames sent again, "
+            f"{summary['duplicate_answers']} duplicate answers ignored)"
+        )
     if summary["accuracy"] is not None:
         lines.append(f"accuracy: {summary['accuracy']:.4f} over {summary['labelled']} labelled frames")
     if summary["bytes_up"] is not None:

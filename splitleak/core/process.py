@@ -2,15 +2,48 @@
 
 Every launcher (`splitleak run`, the demo, the sweep, the tests) starts a server with `--port 0` and reads the port it
 prints on its first line, so that nothing ever races for a fixed port.
+
+What a launcher starts dies with it, even when the launcher is killed with SIGKILL and has no chance to stop it: the
+child asks Linux for a signal when its parent dies (prctl PR_SET_PDEATHSIG, see `dies_with_parent`), and every
+process started here does so.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def dies_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for subprocess.Popen that has the child sent `sig` when this process dies, however it dies.
+
+    SIGTERM, so that the child stops as it would from `stop`: a cloud drains, a device writes its --json. Linux only
+    (None elsewhere, which Popen takes as no preexec_fn). Linux sends it when the *thread* that started the child
+    ends, so start children from a thread that lives as long as they should (the main thread, as every launcher here
+    does). Should this process die between the fork and the prctl, no signal would ever come: the child checks its
+    parent is still the one that started it, and otherwise sends `sig` to itself.
+
+    Python warns that a preexec_fn may deadlock in a process with threads if it takes a lock another thread held at
+    the fork; this one only makes two system calls through a function looked up before the fork, and takes no lock."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def start_cloud(
@@ -18,14 +51,16 @@ def start_cloud(
     extra: list[str] | None = None,
     timeout_s: float = 60.0,
     *,
+    port: int = 0,
     own_session: bool = False,
     stderr=None,
 ) -> tuple[subprocess.Popen, int]:
-    """Start `splitleak cloud --port 0` and wait for the port it prints.
+    """Start `splitleak cloud --port 0` (or `port`) and wait for the port it prints.
 
+    `port`: a fixed one, for a cloud that comes back where it was (a test of a device that reconnects).
     `own_session`: in a session of its own, so that a Ctrl-C meant for this process does not reach it (stop it).
     `stderr`: where its messages go (a file), as subprocess.Popen takes it; default: this process's stderr."""
-    cmd = ["cloud", "--port", "0", "--models", *map(str, models), *(extra or [])]
+    cmd = ["cloud", "--port", str(port), "--models", *map(str, models), *(extra or [])]
     return start_listening(cmd, "cloud", timeout_s, own_session=own_session, stderr=stderr)
 
 
@@ -39,6 +74,7 @@ def start_listening(
         stderr=stderr,
         text=True,
         start_new_session=own_session,
+        preexec_fn=dies_with_parent(),
     )
     line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)

@@ -23,6 +23,27 @@ OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+# A server reads messages up to 16 MiB over the limit, so that one a little too large (a batch a few frames too big,
+# an over-long name) is answered in-band, RESOURCE_EXHAUSTED in its stream's error_message, and the stream goes on.
+# Past that gRPC refuses the message itself, and that ends the stream: the transport cannot skip a message it does
+# not read. The slack is also what one message can cost a server beyond the limit.
+RECEIVE_SLACK_BYTES = 16 * 1024 * 1024
+MAX_RECEIVE_BYTES = MAX_MESSAGE_BYTES + RECEIVE_SLACK_BYTES
+
+SERVER_OPTIONS = [
+    *(option for option in OPTIONS if option[0] != "grpc.max_receive_message_length"),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    # gRPC sets SO_REUSEPORT on Linux by default: a second server on a port already held would bind it too, and the
+    # kernel would split the devices between the two. Off, the second one fails to start instead.
+    ("grpc.so_reuseport", 0),
+    # Clients ping every 30 s (keepalive_time_ms), also between calls; below the default 5 minutes the server would
+    # count those pings as abuse and close the connection.
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    # What one connection may have open at once, of every kind (inference, health, metadata): HTTP/2's recommended
+    # floor (RFC 9113, section 6.5.2). A connection past it waits; other connections do not notice.
+    ("grpc.max_concurrent_streams", 100),
+]
+
 
 def channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=OPTIONS)

@@ -26,7 +26,14 @@ import torch
 
 from splitleak.core import data, manifest
 from splitleak.model import zoo
-from splitleak.model.train import TrainConfig, checkpoint_path, load_model, to_tensor
+from splitleak.model.checkpoint import (
+    Checkpoint,
+    TrainConfig,
+    cached_checkpoint,
+    load_checkpoint,
+    load_model,
+    to_tensor,
+)
 
 OPSET = 18
 CALIBRATION_IMAGES = 128
@@ -150,40 +157,39 @@ def export(
     return doc
 
 
-def export_checkpoint(checkpoint: dict, out_dir: Path, *, calibration_images: int = CALIBRATION_IMAGES) -> dict:
+def export_checkpoint(checkpoint: Checkpoint, out_dir: Path, *, calibration_images: int = CALIBRATION_IMAGES) -> dict:
     """Export a checkpoint, calibrated on `calibration_images` of its training split when that split can be loaded."""
-    config = checkpoint["config"]
-    entry = zoo.ZOO[config["model"]]
-    inp = checkpoint["input"]
+    config = checkpoint.config
+    entry = zoo.ZOO[config.model]
     images, source = None, None
     if calibration_images > 0:
         try:
-            train = data.load(config["dataset"], "train")
+            train = data.load(config.dataset, "train")
         except FileNotFoundError:
             train = None
         if train is not None:
             # Seeded, and drawn across the whole split because the shared data sets are stored grouped by class.
             pick = np.random.default_rng(0).permutation(len(train))[:calibration_images]
-            mean, std = (np.asarray(inp[k], np.float32) for k in ("mean", "std"))
             # At the model's input size, as `splitleak train --size` trained it and the device sends it.
-            images = to_tensor(data.resize(train.images[pick], inp["size"], inp["channels"]), mean, std).numpy()
-            source = f"{config['dataset']} (train)"
+            resized = data.resize(train.images[pick], checkpoint.input_size, checkpoint.channels)
+            images = to_tensor(resized, checkpoint.mean, checkpoint.std).numpy()
+            source = f"{config.dataset} (train)"
     return export(
         load_model(checkpoint),
         out_dir,
-        name=checkpoint.get("name", f"{config['model']}-{config['dataset']}"),
-        model_name=config["model"],
-        dataset=config["dataset"],
-        classes=checkpoint["classes"],
-        input_shape=(inp["channels"], inp["size"], inp["size"]),
-        mean=inp["mean"],
-        std=inp["std"],
+        name=checkpoint.name,
+        model_name=config.model,
+        dataset=config.dataset,
+        classes=list(checkpoint.classes),
+        input_shape=(checkpoint.channels, checkpoint.input_size, checkpoint.input_size),
+        mean=checkpoint.mean.tolist(),
+        std=checkpoint.std.tolist(),
         split_points=entry.split_points,
         default_split=entry.default_split,
-        test_accuracy=checkpoint["test_accuracy"],
+        test_accuracy=checkpoint.test_accuracy,
         calibration_images=images,
         calibration_source=source,
-        training_defence=checkpoint.get("training_defence"),
+        training_defence=checkpoint.training_defence,
     )
 
 
@@ -209,14 +215,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.checkpoint or checkpoint_path(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
-    if not path.exists():
-        raise SystemExit(
-            f"no checkpoint at {path}: train one with `splitleak train --model {args.model} --dataset {args.dataset}`"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    config = checkpoint["config"]
-    out = args.out or data.cache_dir() / "models" / checkpoint.get("name", f"{config['model']}-{config['dataset']}")
+    if args.checkpoint is None:
+        checkpoint = cached_checkpoint(TrainConfig(model=args.model, dataset=args.dataset, limit=args.limit))
+    else:
+        checkpoint = load_checkpoint(args.checkpoint)
+    out = args.out or data.cache_dir() / "models" / checkpoint.name
     doc = export_checkpoint(checkpoint, out, calibration_images=args.calibration_images)
     print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")
     if "training_defence" in doc:

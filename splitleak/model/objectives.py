@@ -1,9 +1,12 @@
-"""Training-time defences: train (or fine-tune) a model so that its activation at one split point leaks less.
+"""Training objectives: the task's loss, and training-time defences that make a model's activation at one split point
+leak less. Each is picked by name; called on a batch (x, labels), it returns (loss, its own term for the log).
 
-`splitleak train --defence NAME --strength S --split SPLIT [--from-checkpoint]` trains with one of these objectives in
-place of the plain cross-entropy; `splitleak export --checkpoint PATH` then writes the defended variant with a
-`training_defence` record in its manifest (name, strength, split, from, epochs). Both change the head's weights, so
-unlike the run-time defences (splitleak.core.defences) they ship as a model of their own, and cost nothing at run time.
+- `none`: no defence, the label-smoothed cross-entropy of the model's prediction; what `splitleak train` trains with.
+
+`splitleak train --defence NAME --strength S --split SPLIT [--from-checkpoint]` trains with one of the defences
+instead; `splitleak export --checkpoint PATH` then writes the defended variant with a `training_defence` record in its
+manifest (name, strength, split, from, epochs). Both change the head's weights, so unlike the run-time defences
+(splitleak.core.defences) they ship as a model of their own, and cost nothing at run time.
 
 - `nopeek`: Vepakomma, Singh, Gupta and Raskar, "NoPeek: Information leakage reduction to share activations in
   distributed deep learning" (ICDMW 2020), Eq. 1: loss = CE(tail(head(x)), y) + alpha * dCor(x, head(x)) over each
@@ -70,15 +73,16 @@ def activation_dcor(model: nn.Sequential, split: str, x: torch.Tensor, batch_siz
     return float(torch.stack([distance_correlation(b, head(b)) for b in batches]).mean())
 
 
-class SplitObjective:
-    """The task loss of a model split at one point; each defence adds its term to it. Every defence takes the same
-    knobs: `mean` and `std` (C,) turn normalised inputs back into images, `input_shape` is (C, H, W)."""
+class Objective:
+    """The task's loss, label-smoothed cross-entropy: training without a defence (`none`). Every objective takes the
+    same knobs: the `split` point a defence protects (None for `none`) and the `strength` of its term in the loss,
+    `mean` and `std` (C,) that turn normalised inputs back into images, and the `input_shape` (C, H, W)."""
 
     def __init__(
         self,
         model: nn.Sequential,
         *,
-        split: str,
+        split: str | None,
         strength: float,
         label_smoothing: float,
         mean: torch.Tensor,
@@ -87,14 +91,26 @@ class SplitObjective:
     ) -> None:
         if strength < 0:
             raise ValueError(f"a training-time defence's strength is a weight in the loss, >= 0, not {strength}")
-        self.head, self.tail = zoo.split(model, split)
+        self.model = model
+        self.split = split
         self.strength = strength
         self.label_smoothing = label_smoothing
         self.mean, self.std = mean[:, None, None], std[:, None, None]
         self.input_shape = input_shape
 
-    def task_loss(self, activation: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.tail(activation), labels, label_smoothing=self.label_smoothing)
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.task_loss(self.model(x), labels), {}
+
+
+class SplitObjective(Objective):
+    """A defence at one split point: the task's loss of the model split there, to which the defence adds its term."""
+
+    def __init__(self, model: nn.Sequential, **knobs) -> None:
+        super().__init__(model, **knobs)
+        self.head, self.tail = zoo.split(model, self.split)
 
 
 class NoPeek(SplitObjective):
@@ -103,7 +119,7 @@ class NoPeek(SplitObjective):
     def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         activation = self.head(x)
         dcor = distance_correlation(x, activation)
-        return self.task_loss(activation, labels) + self.strength * dcor, {"dcor": dcor.item()}
+        return self.task_loss(self.tail(activation), labels) + self.strength * dcor, {"dcor": dcor.item()}
 
 
 class AdversarialTraining(SplitObjective):
@@ -127,16 +143,17 @@ class AdversarialTraining(SplitObjective):
             self.optimizer.step()
         # The decoder's gradients from this term are dropped by its next zero_grad; only the model's optimizer steps.
         reconstruction_error = F.mse_loss(self.decoder(activation), images)
-        loss = self.task_loss(activation, labels) - self.strength * reconstruction_error
+        loss = self.task_loss(self.tail(activation), labels) - self.strength * reconstruction_error
         return loss, {"decoder_mse": reconstruction_error.item()}
 
 
-DEFENCES = {"nopeek": NoPeek, "adversarial": AdversarialTraining}
+OBJECTIVES = {"none": Objective, "nopeek": NoPeek, "adversarial": AdversarialTraining}
+DEFENCES = tuple(name for name in OBJECTIVES if name != "none")  # what `splitleak train --defence` offers
 
 
-def build(name: str, model: nn.Sequential, **knobs) -> SplitObjective:
-    """The objective of training-time defence `name`, with SplitObjective's knobs: called on a batch (x, labels), it
-    returns (loss, the defence's term for the log)."""
-    if name not in DEFENCES:
-        raise KeyError(f"unknown training-time defence {name!r}; there are {', '.join(DEFENCES)}")
-    return DEFENCES[name](model, **knobs)
+def build(name: str, model: nn.Sequential, **knobs) -> Objective:
+    """The objective `name` with Objective's knobs: called on a batch (x, labels), it returns (loss, the defence's term
+    for the log)."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown training objective {name!r}; there are {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](model, **knobs)

@@ -4,18 +4,17 @@ The recipe is the usual fast CIFAR one: SGD with Nesterov momentum under a one-c
 "Super-convergence", 2019), random crops with 4-pixel padding and horizontal flips, light label smoothing. It is what
 lets ResNet-20 pass 85% on CIFAR-10 in a few epochs on a laptop CPU.
 
-With `--defence` it trains a defended variant instead (splitleak.model.objectives: NoPeek or adversarial training at one
-split point), from scratch or, with `--from-checkpoint`, fine-tuning the cached undefended checkpoint of the same
-model and data at a tenth of the learning rate. Its checkpoint is cached beside the undefended one under the variant's
-name (e.g. `resnet20-cifar10-nopeek1.0-layer1`) and carries the `training_defence` record the export writes.
+Every run minimises one objective (splitleak.model.objectives): `none`, the plain cross-entropy, or with `--defence`
+a training-time defence at one split point (NoPeek or adversarial training), which trains a defended variant from
+scratch or, with `--from-checkpoint`, fine-tunes the cached undefended checkpoint of the same model and data at a tenth
+of the learning rate. splitleak.model.checkpoint says what the checkpoint holds and where it is cached.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,58 +23,115 @@ from tqdm import tqdm
 
 from splitleak.core import data
 from splitleak.model import objectives, zoo
+from splitleak.model.checkpoint import (
+    Checkpoint,
+    TrainConfig,
+    cached_checkpoint,
+    checkpoint_path,
+    load_model,
+    save_checkpoint,
+    to_tensor,
+    variant_name,
+)
 
 FINE_TUNE_LR = 0.02  # the peak learning rate when fine-tuning: a tenth of training's, so the task is kept
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    model: str = "resnet20"
-    dataset: str = "cifar10"
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.2
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    limit: int | None = None  # train on the first N images only (tests)
-    size: int | None = None  # centre-crop and resize every image to size x size first (non-square sets: faces)
-    flip: bool = True  # horizontal flips; off for data where left and right differ in meaning (digits)
-    seed: int = 0
-    defence: str | None = None  # a training-time defence (splitleak.model.objectives.DEFENCES)
-    strength: float = 0.0  # its weight in the loss (NoPeek's alpha, adversarial training's lambda)
-    split: str | None = None  # the split point it protects; None: the model's default
-    from_checkpoint: bool = False  # fine-tune the cached undefended checkpoint of the same model and data
+class TrainingData:
+    """A data set's train and test splits as the model takes them, and the normalisation that made them."""
+
+    x_train: torch.Tensor  # (N, C, H, W) normalised float32
+    y_train: torch.Tensor  # (N,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+    mean: np.ndarray  # (C,) float32
+    std: np.ndarray  # (C,) float32
 
 
-def variant_name(config: TrainConfig) -> str:
-    """The exported model's name: MODEL-DATASET, and for a defended variant -DEFENCE{STRENGTH}-SPLIT."""
-    name = f"{config.model}-{config.dataset}"
-    return name + (f"-{config.defence}{float(config.strength)}-{config.split}" if config.defence else "")
-
-
-def checkpoint_path(config: TrainConfig) -> Path:
-    name = f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}"
-    name += (f"-limit{config.limit}" if config.limit else "") + (f"-size{config.size}" if config.size else "")
-    name += f"-{config.defence}{float(config.strength)}-{config.split}" if config.defence else ""
-    return data.cache_dir() / "checkpoints" / f"{name}.pt"
-
-
-def load_checkpoint(config: TrainConfig) -> dict:
-    """The checkpoint `splitleak train` cached for `config`."""
-    path = checkpoint_path(config)
-    if not path.exists():
-        limit = f" --limit {config.limit}" if config.limit else ""
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: train one with "
-            f"`splitleak train --model {config.model} --dataset {config.dataset}{limit}`"
+def load_splits(config: TrainConfig) -> tuple[data.Dataset, data.Dataset]:
+    """The train and test splits of `config.dataset`, cut to `config.limit` and resized to `config.size`."""
+    train_set, test_set = data.load(config.dataset, "train"), data.load(config.dataset, "test")
+    if config.limit:
+        rng = np.random.default_rng(config.seed)
+        train_set = train_set.take(rng.permutation(len(train_set))[: config.limit])
+        test_set = test_set.take(rng.permutation(len(test_set))[: max(config.limit // 5, 100)])
+    if config.size:
+        # As the device does (data.resize), so that it sends what the model was trained on; the manifest and the
+        # exported halves take square inputs.
+        train_set, test_set = (
+            replace(s, images=data.resize(s.images, config.size, s.images.shape[3])) for s in (train_set, test_set)
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return train_set, test_set
 
 
-def to_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> normalised float32 (N, C, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
-    return (x - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
+def channel_mean_std(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images (N, H, W, C) in [0, 1], as float32 (C,)."""
+    # Summed in float64: a float32 running sum of CIFAR-10's 51.2 million values per channel stops growing at 2**24,
+    # which is how every channel's mean in the shipped manifest came to be 0.32768 (2**24 / 51.2e6).
+    mean = images.mean((0, 1, 2), dtype=np.float64) / 255
+    std = images.std((0, 1, 2), dtype=np.float64) / 255
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def prepare_data(config: TrainConfig, base: Checkpoint | None) -> TrainingData:
+    """The splits, labelled throughout, normalised by the training images' channel statistics, or by the base model's
+    when fine-tuning."""
+    train_set, test_set = load_splits(config)
+    for split, dataset in (("train", train_set), ("test", test_set)):
+        if unlabelled := int((dataset.labels < 0).sum()):
+            raise ValueError(
+                f"{dataset.name} ({split}) has {unlabelled} of {len(dataset)} images without a label, and training "
+                "needs every label: give a labelled --dataset (cifar10, mnist, embedded-faces, ...)"
+            )
+    if base is None:
+        mean, std = channel_mean_std(train_set.images)
+    else:  # the base model's normalisation, which its weights expect
+        mean, std = base.mean, base.std
+    return TrainingData(
+        x_train=to_tensor(train_set.images, mean, std),
+        y_train=torch.from_numpy(train_set.labels),
+        x_test=to_tensor(test_set.images, mean, std),
+        y_test=torch.from_numpy(test_set.labels),
+        classes=tuple(train_set.classes),
+        mean=mean,
+        std=std,
+    )
+
+
+def build_training(
+    config: TrainConfig, prepared: TrainingData, base: Checkpoint | None
+) -> tuple[torch.nn.Sequential, objectives.Objective, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The model (fresh, or the base checkpoint's to fine-tune), its objective, the optimiser and the schedule."""
+    torch.manual_seed(config.seed)
+    if base is None:
+        model = zoo.build(config.model, num_classes=len(prepared.classes), in_channels=prepared.x_train.shape[1])
+    else:
+        model = load_model(base)
+    objective = objectives.build(
+        config.defence or "none",
+        model,
+        split=config.split,
+        strength=config.strength,
+        label_smoothing=config.label_smoothing,
+        mean=torch.from_numpy(prepared.mean),
+        std=torch.from_numpy(prepared.std),
+        input_shape=tuple(prepared.x_train.shape[1:]),
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
+    schedule = one_cycle(optimizer, config.lr, config.epochs * -(-len(prepared.x_train) // config.batch_size))
+    return model, objective, optimizer, schedule
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm up to `lr` over a quarter of the run, then anneal (Smith and Topin 2019)."""
+    # OneCycleLR divides by each phase's length, so it needs two warm-up steps and one to anneal. A run of fewer steps
+    # (`--limit 100`: one batch) takes the first steps of a three-step cycle; a longer one gets exactly its own.
+    cycle = max(steps, 3)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=cycle, pct_start=max(0.25, 2 / cycle))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
@@ -90,6 +146,36 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Te
     return out
 
 
+def train_one_epoch(
+    model: torch.nn.Module,
+    objective: objectives.Objective,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    prepared: TrainingData,
+    generator: torch.Generator,
+    epoch: int,
+    config: TrainConfig,
+    *,
+    progress: bool,
+) -> dict[str, float]:
+    """One pass over the training images in a random order, augmented; returns the mean of each term the objective
+    logs (a defence's; plain cross-entropy logs none)."""
+    model.train()
+    batches = torch.randperm(len(prepared.x_train), generator=generator).split(config.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    terms: dict[str, list[float]] = {}
+    for idx in bar:
+        loss, logged = objective(augment(prepared.x_train[idx], generator, config.flip), prepared.y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in logged.items()})
+        for k, v in logged.items():
+            terms.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in terms.items()}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
@@ -100,136 +186,80 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(x)
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict:
-    """Train, evaluate on the test split and save the checkpoint; returns the checkpoint dict."""
+def measured(record: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in {"epoch", "seconds"})
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> Checkpoint:
+    """Train, evaluate on the test split after every epoch and cache the checkpoint (checkpoint_path); returns it."""
     if config.defence and config.split is None:
         config = replace(config, split=zoo.ZOO[config.model].default_split)
     if config.from_checkpoint and not config.defence:
         raise ValueError("fine-tuning from the checkpoint needs a defence: it would overwrite that very checkpoint")
     base = None
     if config.from_checkpoint:
-        base = load_checkpoint(replace(config, defence=None, strength=0.0, split=None, from_checkpoint=False))
-    torch.manual_seed(config.seed)
+        base = cached_checkpoint(replace(config, defence=None, strength=0.0, split=None, from_checkpoint=False))
+    prepared = prepare_data(config, base)
+    model, objective, optimizer, schedule = build_training(config, prepared, base)
     generator = torch.Generator().manual_seed(config.seed)
-    train_set, test_set = data.load(config.dataset, "train"), data.load(config.dataset, "test")
-    if config.limit:
-        rng = np.random.default_rng(config.seed)
-        train_set = train_set.take(rng.permutation(len(train_set))[: config.limit])
-        test_set = test_set.take(rng.permutation(len(test_set))[: max(config.limit // 5, 100)])
-    if config.size:
-        # As the device does (data.resize), so that it sends what the model was trained on; the manifest and the
-        # exported halves take square inputs.
-        train_set, test_set = (
-            replace(s, images=data.resize(s.images, config.size, s.images.shape[3])) for s in (train_set, test_set)
-        )
-    if base is None:
-        images = train_set.images.astype(np.float32) / 255
-        mean, std = images.mean((0, 1, 2)), images.std((0, 1, 2))
-    else:  # the base model's normalisation, which its weights expect
-        mean, std = (np.asarray(base["input"][k], np.float32) for k in ("mean", "std"))
-    x_train, y_train = to_tensor(train_set.images, mean, std), torch.from_numpy(train_set.labels)
-    x_test, y_test = to_tensor(test_set.images, mean, std), torch.from_numpy(test_set.labels)
+    x_dcor = prepared.x_test[:1024]  # the images on which every record measures the split's distance correlation
 
-    if base is None:
-        model = zoo.build(config.model, num_classes=len(train_set.classes), in_channels=x_train.shape[1])
-    else:
-        model = load_model(base)
-    if config.defence:
-        objective = objectives.build(
-            config.defence,
-            model,
-            split=config.split,
-            strength=config.strength,
-            label_smoothing=config.label_smoothing,
-            mean=torch.from_numpy(mean),
-            std=torch.from_numpy(std),
-            input_shape=tuple(x_train.shape[1:]),
-        )
-    else:
-
-        def objective(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing), {}
-
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
-    )
-    steps_per_epoch = -(-len(x_train) // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    # A quarter of the run warms up; tiny runs (tests) still need two warm-up steps for the schedule to exist.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.lr, total_steps=total_steps, pct_start=max(0.25, 2 / total_steps)
-    )
     history = []
     if base is not None:  # where the fine-tuning starts from, measured as every epoch is
-        dcor = objectives.activation_dcor(model, config.split, x_test[:1024])
-        history.append(
-            {"epoch": 0, "test_accuracy": evaluate(model, x_test, y_test), "seconds": 0.0, "test_dcor": dcor}
-        )
+        dcor = objectives.activation_dcor(model, config.split, x_dcor)
+        accuracy = evaluate(model, prepared.x_test, prepared.y_test)
+        history.append({"epoch": 0, "test_accuracy": accuracy, "seconds": 0.0, "test_dcor": dcor})
         if progress:
-            tqdm.write(f"before: test_accuracy {history[0]['test_accuracy']:.4f}, test_dcor {dcor:.4f}")
+            tqdm.write(f"before: {measured(history[0])}")
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        terms: dict[str, list[float]] = {}
-        for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            loss, logged = objective(augment(x_train[idx], generator, config.flip), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in logged.items()})
-            for k, v in logged.items():
-                terms.setdefault(k, []).append(v)
-        accuracy = evaluate(model, x_test, y_test)
+        terms = train_one_epoch(
+            model, objective, optimizer, schedule, prepared, generator, epoch, config, progress=progress
+        )
+        accuracy = evaluate(model, prepared.x_test, prepared.y_test)
         record = {"epoch": epoch + 1, "test_accuracy": accuracy, "seconds": time.perf_counter() - start}
-        record |= {f"train_{k}": float(np.mean(v)) for k, v in terms.items()}  # the defence's term, over the epoch
+        record |= {f"train_{k}": v for k, v in terms.items()}  # the defence's term, over the epoch
         if config.split:
-            record["test_dcor"] = objectives.activation_dcor(model, config.split, x_test[:1024])
+            record["test_dcor"] = objectives.activation_dcor(model, config.split, x_dcor)
         history.append(record)
         if progress:
-            measured = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in {"epoch", "seconds"})
-            tqdm.write(f"epoch {epoch + 1}: {measured} ({record['seconds']:.0f} s)")
+            tqdm.write(f"epoch {epoch + 1}: {measured(record)} ({record['seconds']:.0f} s)")
 
-    checkpoint = {
-        "config": asdict(config),
-        "name": variant_name(config),
-        "state_dict": model.state_dict(),
-        "classes": list(train_set.classes),
-        "input": {
-            "size": int(x_train.shape[2]),
-            "channels": int(x_train.shape[1]),
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-        },
-        "test_accuracy": history[-1]["test_accuracy"],
-        "test_images": len(x_test),
-        "history": history,
-    }
+    trained = make_checkpoint(config, model, prepared, history, base)
+    save_checkpoint(trained, checkpoint_path(config))
+    return trained
+
+
+def make_checkpoint(
+    config: TrainConfig,
+    model: torch.nn.Sequential,
+    prepared: TrainingData,
+    history: list[dict[str, float]],
+    base: Checkpoint | None,
+) -> Checkpoint:
+    training_defence = None
     if config.defence:
-        checkpoint["training_defence"] = {
+        training_defence = {
             "name": config.defence,
             "strength": float(config.strength),
             "split": config.split,
-            "from": None if base is None else base.get("name", variant_name(TrainConfig(**base["config"]))),
+            "from": None if base is None else base.name,
             "epochs": config.epochs,
         }
-    path = checkpoint_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-    checkpoint["path"] = str(path)
-    return checkpoint
-
-
-def load_model(checkpoint: dict) -> torch.nn.Sequential:
-    config = checkpoint["config"]
-    model = zoo.build(
-        config["model"], num_classes=len(checkpoint["classes"]), in_channels=checkpoint["input"]["channels"]
+    return Checkpoint(
+        config=config,
+        name=variant_name(config),
+        state_dict=model.state_dict(),
+        classes=prepared.classes,
+        input_size=int(prepared.x_train.shape[2]),
+        channels=int(prepared.x_train.shape[1]),
+        mean=prepared.mean,
+        std=prepared.std,
+        test_accuracy=history[-1]["test_accuracy"],
+        test_images=len(prepared.x_test),
+        history=history,
+        training_defence=training_defence,
     )
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -288,23 +318,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        checkpoint = train(config)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"splitleak train: {e}") from None
-    history = checkpoint["history"]
-    trained = checkpoint["name"] if config.defence else config.model  # "resnet20", or the variant's own name
+    trained = train(config_from_args(args))  # a bad argument or data set: splitleak.cli turns it into one line
+    config, history = trained.config, trained.history
+    path = checkpoint_path(config)
+    name = trained.name if config.defence else config.model  # "resnet20", or the variant's own name
     print(
-        f"{trained} on {config.dataset}: test accuracy {checkpoint['test_accuracy']:.4f} "
-        f"on {checkpoint['test_images']} images after {config.epochs} epochs ({history[-1]['seconds'] / 60:.1f} min)"
+        f"{name} on {config.dataset}: test accuracy {trained.test_accuracy:.4f} "
+        f"on {trained.test_images} images after {config.epochs} epochs ({history[-1]['seconds'] / 60:.1f} min)"
     )
     if config.defence:
         dcor = f"distance correlation of input and activation at {config.split}"
         if config.from_checkpoint:
             print(f"before: test accuracy {history[0]['test_accuracy']:.4f}, {dcor} {history[0]['test_dcor']:.4f}")
         print(f"after: test accuracy {history[-1]['test_accuracy']:.4f}, {dcor} {history[-1]['test_dcor']:.4f}")
-    print(f"checkpoint: {checkpoint['path']}")
+    print(f"checkpoint: {path}")
     if config.defence:
-        print(f"export it: splitleak export --checkpoint {checkpoint['path']}")
+        print(f"export it: splitleak export --checkpoint {path}")
     return 0

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from splitleak.core.facts import RECOGNISABLE_SSIM  # noqa: E402
-from splitleak.study.rows import LATENCY_STAGES  # noqa: E402
+from splitleak.study.rows import LATENCY_STAGES, SweepRow  # noqa: E402
 
 STAGE_COLOURS = {
     "device": "#4c72b0",
@@ -28,7 +28,7 @@ STAGE_COLOURS = {
 }
 
 
-def write_all(table: list[dict], out: Path) -> list[Path]:
+def write_all(table: list[SweepRow], out: Path) -> list[Path]:
     written = []
     for name, draw in (("latency", latency), ("leakage", leakage), ("tradeoff", tradeoff)):
         figure = draw(table)
@@ -40,24 +40,24 @@ def write_all(table: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def _undefended(table: list[dict]) -> list[dict]:
-    return [r for r in table if r["defence"] == "none" and not r["training_time"]]
+def _undefended(table: list[SweepRow]) -> list[SweepRow]:
+    return [r for r in table if r.defence == "none" and not r.training_time]
 
 
-def _splits(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["split"] for r in rows))
+def _splits(rows: list[SweepRow]) -> list[str]:
+    return list(dict.fromkeys(r.split for r in rows))
 
 
-def latency(table: list[dict]) -> plt.Figure:
+def latency(table: list[SweepRow]) -> plt.Figure:
     rows = _undefended(table)
-    links = list(dict.fromkeys(r["link"] for r in rows))
+    links = list(dict.fromkeys(r.link for r in rows))
     figure, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.8), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], links, strict=True):
-        here = [r for r in rows if r["link"] == name]
+        here = [r for r in rows if r.link == name]
         splits = _splits(here)
         bottom = [0.0] * len(splits)
         for stage in LATENCY_STAGES:
-            values = [next(r[f"{stage}_ms_median"] for r in here if r["split"] == s) for s in splits]
+            values = [next(r.latency_ms[stage].median for r in here if r.split == s) for s in splits]
             ax.bar(splits, values, bottom=bottom, label=stage, color=STAGE_COLOURS[stage])
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_title(f"link: {name}")
@@ -68,19 +68,16 @@ def latency(table: list[dict]) -> plt.Figure:
     return figure
 
 
-def _attacks(table: list[dict]) -> list[str]:
-    return [k.removesuffix("_ssim") for k in table[0] if k.endswith("_ssim") and k != "max_ssim"]
-
-
-def leakage(table: list[dict]) -> plt.Figure:
-    rows = [r for r in _undefended(table) if r["link"] == table[0]["link"]]
+def leakage(table: list[SweepRow]) -> plt.Figure:
+    rows = [r for r in _undefended(table) if r.link == table[0].link]
     splits = _splits(rows)
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
-    for attack in _attacks(table):
-        by_split = {r["split"]: r for r in rows}
-        left.plot(splits, [by_split[s][f"{attack}_ssim"] for s in splits], marker="o", label=attack)
-        right.plot(splits, [by_split[s][f"{attack}_psnr"] for s in splits], marker="o", label=attack)
-    left.axhline(RECOGNISABLE_SSIM, color="grey", linestyle="--", linewidth=1, label="SSIM 0.3 (recognisable)")
+    for attack in table[0].attacks:
+        by_split = {r.split: r.attacks[attack] for r in rows}
+        left.plot(splits, [by_split[s].ssim for s in splits], marker="o", label=attack)
+        right.plot(splits, [by_split[s].psnr for s in splits], marker="o", label=attack)
+    recognisable = f"SSIM {RECOGNISABLE_SSIM:g} (recognisable)"
+    left.axhline(RECOGNISABLE_SSIM, color="grey", linestyle="--", linewidth=1, label=recognisable)
     left.set(xlabel="split point", ylabel="mean SSIM", ylim=(0, 1), title="SSIM of the reconstructions")
     right.set(xlabel="split point", ylabel="mean PSNR (dB)", title="PSNR of the reconstructions")
     left.legend()
@@ -99,18 +96,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def tradeoff(table: list[dict]) -> plt.Figure:
-    rows = [r for r in table if r["link"] == table[0]["link"]]
+def tradeoff(table: list[SweepRow]) -> plt.Figure:
+    rows = [r for r in table if r.link == table[0].link]
     figure, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     markers = dict(zip(_splits(rows), "osD^vP*X", strict=False))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, defence in enumerate(dict.fromkeys(r["defence"] for r in rows)):
-        for r in (r for r in rows if r["defence"] == defence):
-            ax.scatter(r["max_ssim"], 100 * r["accuracy"], color=colours[i % len(colours)], marker=markers[r["split"]])
+    for i, defence in enumerate(dict.fromkeys(r.defence for r in rows)):
+        for r in (r for r in rows if r.defence == defence):
+            ax.scatter(r.max_ssim, 100 * r.accuracy, color=colours[i % len(colours)], marker=markers[r.split])
         ax.scatter([], [], color=colours[i % len(colours)], label=defence)
     for split, marker in markers.items():
         ax.scatter([], [], color="black", marker=marker, label=f"split {split}")
-    points = [(r["max_ssim"], 100 * r["accuracy"]) for r in rows]
+    points = [(r.max_ssim, 100 * r.accuracy) for r in rows]
     front = [points[i] for i in pareto_front(points)]
     ax.step(
         [p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1, label="Pareto front"

@@ -12,43 +12,51 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from splitleak.core import link
 from splitleak.core.facts import RECOGNISABLE_SSIM
+from splitleak.study.rows import SweepRow, latency_column, read_json
 
 
-def name(row: dict) -> str:
-    kind = " (trained)" if row["training_time"] else ""
-    return f"{row['model']} split {row['split']}, {row['defence']} {row['strength']:g}{kind}"
+@dataclass(frozen=True)
+class Recommendation:
+    """What `recommend` found among a sweep's rows for one link."""
+
+    best: SweepRow | None  # the fastest row within every bound; None when none is
+    fastest: SweepRow | None  # the undefended latency-optimal row, Neurosurgeon's choice
+    accurate: SweepRow | None  # the fastest row within the accuracy bound alone (privacy ignored)
+    verdicts: list[tuple[SweepRow, str]]  # every other row on the link, fastest first, and why it lost
+    by: str  # the total latency minimised: "median" or "p95"
 
 
-def attacks(row: dict) -> list[str]:
-    return [k.removesuffix("_ssim") for k in row if k.endswith("_ssim") and k != "max_ssim"]
+def name(row: SweepRow) -> str:
+    kind = " (trained)" if row.training_time else ""
+    return f"{row.model} split {row.split}, {row.defence} {row.strength:g}{kind}"
 
 
-def why_not(row: dict, max_ssim: float, max_drop: float) -> str | None:
+def why_not(row: SweepRow, max_ssim: float, max_drop: float) -> str | None:
     """The first bound `row` breaks, in words; None if it meets them all."""
-    for attack in attacks(row):
-        if row[f"{attack}_ssim"] > max_ssim:
-            return f"{attack} recovers SSIM {row[f'{attack}_ssim']:.2f} > {max_ssim:g}"
-    if row["accuracy_drop"] > max_drop:
-        return f"loses {row['accuracy_drop']:.1f} points of accuracy > {max_drop:g}"
+    for attack, scores in row.attacks.items():
+        if scores.ssim > max_ssim:
+            return f"{attack} recovers SSIM {scores.ssim:.2f} > {max_ssim:g}"
+    if row.accuracy_drop > max_drop:
+        return f"loses {row.accuracy_drop:.1f} points of accuracy > {max_drop:g}"
     return None
 
 
-def recommend(table: list[dict], *, link_name: str, max_ssim: float, max_drop: float, by: str = "median") -> dict:
-    """{"best": row or None, "fastest": the undefended latency-optimal row, "accurate": the fastest row within the
-    accuracy bound alone (privacy ignored), "verdicts": [(row, reason)]}."""
-    rows = [r for r in table if r["link"] == link_name]
+def recommend(
+    table: list[SweepRow], *, link_name: str, max_ssim: float, max_drop: float, by: str = "median"
+) -> Recommendation:
+    """The fastest row on `link_name` within both bounds, the rows to weigh it against, and why each other lost."""
+    rows = [r for r in table if r.link == link_name]
     if not rows:
-        links = sorted({r["link"] for r in table})
+        links = sorted({r.link for r in table})
         raise ValueError(f"the sweep has no rows for link {link_name!r}; it has {', '.join(links)}")
-    latency = f"total_ms_{by}"
-    rows.sort(key=lambda r: r[latency])
-    undefended = [r for r in rows if r["defence"] == "none" and not r["training_time"]]
-    fastest = undefended[0] if undefended else None
-    accurate = next((r for r in rows if r["accuracy_drop"] <= max_drop), None)
+    rows.sort(key=lambda r: r.total_ms(by))
+    undefended = [r for r in rows if r.defence == "none" and not r.training_time]
+    accurate = next((r for r in rows if r.accuracy_drop <= max_drop), None)
     eligible = [r for r in rows if why_not(r, max_ssim, max_drop) is None]
     best = eligible[0] if eligible else None
     verdicts = []
@@ -57,41 +65,38 @@ def recommend(table: list[dict], *, link_name: str, max_ssim: float, max_drop: f
             continue
         reason = why_not(r, max_ssim, max_drop)
         if reason is None:
-            reason = f"meets the bounds, but {r[latency] - best[latency]:.1f} ms slower"
+            reason = f"meets the bounds, but {r.total_ms(by) - best.total_ms(by):.1f} ms slower"
         verdicts.append((r, reason))
-    return {"best": best, "fastest": fastest, "accurate": accurate, "verdicts": verdicts, "latency": latency}
+    return Recommendation(best, undefended[0] if undefended else None, accurate, verdicts, by)
 
 
-def report(result: dict, *, link_name: str, max_ssim: float, max_drop: float) -> str:
-    latency = result["latency"]
+def report(result: Recommendation, *, link_name: str, max_ssim: float, max_drop: float) -> str:
+    by, latency = result.by, latency_column("total", result.by)
     bounds = f"every attack's SSIM <= {max_ssim:g}, accuracy drop <= {max_drop:g} points, on {link_name}"
-    best, fastest = result["best"], result["fastest"]
+    best = result.best
     lines = []
     if best is None:
         lines.append(f"No configuration meets the bounds ({bounds}).")
     else:
-        scores = ", ".join(f"{a} SSIM {best[f'{a}_ssim']:.2f}" for a in attacks(best))
+        scores = ", ".join(f"{a} SSIM {s.ssim:.2f}" for a, s in best.attacks.items())
         lines += [
             f"Recommended ({bounds}): {name(best)}",
-            f"  {best[latency]:.1f} ms per frame ({latency}), accuracy {100 * best['accuracy']:.1f}% "
-            f"(drop {best['accuracy_drop']:.1f} points), {best['bytes_up']:.0f} bytes up; {scores}",
+            f"  {best.total_ms(by):.1f} ms per frame ({latency}), accuracy {100 * best.accuracy:.1f}% "
+            f"(drop {best.accuracy_drop:.1f} points), {best.bytes_up:.0f} bytes up; {scores}",
         ]
     for what, row in (
-        ("Undefended latency-optimal split", fastest),
-        ("Fastest within the accuracy bound", result["accurate"]),
+        ("Undefended latency-optimal split", result.fastest),
+        ("Fastest within the accuracy bound", result.accurate),
     ):
-        if row is not None:
-            lines.append(
-                f"{what}: {name(row)}, {row[latency]:.1f} ms, max SSIM {row['max_ssim']:.2f}"
-                + (
-                    ""
-                    if best is None
-                    else f"; the recommendation takes {best[latency] - row[latency]:+.1f} ms per frame against it"
-                )
-            )
+        if row is None:
+            continue
+        line = f"{what}: {name(row)}, {row.total_ms(by):.1f} ms, max SSIM {row.max_ssim:.2f}"
+        if best is not None:
+            line += f"; the recommendation takes {best.total_ms(by) - row.total_ms(by):+.1f} ms per frame against it"
+        lines.append(line)
     lines.append("")
     lines.append("Why the others lost (fastest first):")
-    lines += [f"  {r[latency]:8.1f} ms  {name(r)}: {reason}" for r, reason in result["verdicts"]]
+    lines += [f"  {r.total_ms(by):8.1f} ms  {name(r)}: {reason}" for r, reason in result.verdicts]
     return "\n".join(lines)
 
 
@@ -111,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"recommend: {path} not found; run `splitleak sweep --out {args.sweep}` first", file=sys.stderr)
         return 2
-    table = json.loads(path.read_text())
+    table = read_json(path)
     try:
         result = recommend(
             table, link_name=args.link, max_ssim=args.max_ssim, max_drop=args.max_accuracy_drop, by=args.by
@@ -121,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(report(result, link_name=args.link, max_ssim=args.max_ssim, max_drop=args.max_accuracy_drop))
     if args.json:
-        verdicts = [{"config": name(r), "reason": reason} for r, reason in result["verdicts"]]
-        chosen = {k: result[k] for k in ("best", "fastest", "accurate")}
-        args.json.write_text(json.dumps({**chosen, "others": verdicts}, indent=1))
-    return 0 if result["best"] is not None else 1
+        chosen = {"best": result.best, "fastest": result.fastest, "accurate": result.accurate}
+        verdicts = [{"config": name(r), "reason": reason} for r, reason in result.verdicts]
+        flat = {what: None if row is None else row.to_flat() for what, row in chosen.items()}
+        args.json.write_text(json.dumps({**flat, "others": verdicts}, indent=1))
+    return 0 if result.best is not None else 1

@@ -17,8 +17,8 @@ further on activations passed through the same defence; rMLE models the defence 
 A training-time defence (NoPeek, adversarial training) is a model variant (`--variant DIR`, exported with its
 `training_defence` in the manifest); its rows are the variant with no run-time defence, attacked the same way.
 
-Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link), `sweep.md` (the same for
-people: one line per configuration, the links side by side), and the plots (PNG and SVG:
+Writes to --out: `sweep.csv` and `sweep.json` (one row per configuration and link: splitleak.study.rows), `sweep.md`
+(the same for people: one line per configuration, the links side by side), and the plots (PNG and SVG:
 splitleak.study.plots). What a configuration measured or an attack scored is cached under the cache folder
 (`SPLITLEAK_CACHE`), keyed by the model's files and every setting that changes it, so a re-run only does what changed.
 """
@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import functools
 import hashlib
-import inspect
 import json
 import subprocess
 import sys
@@ -42,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from splitleak.core import data, link, manifest, process
-from splitleak.study.rows import LATENCY_STAGES
+from splitleak.core.records import FrameRecord
+from splitleak.study.rows import LATENCY_STAGES, AttackScores, Latency, SweepRow, write_csv, write_json
 
 DEFAULT_DEFENCES = ("gaussian:0.5,1,2", "dropout:0.3,0.6,0.9", "quantise:8,4,2", "topk:0.25,0.5,0.75")
 DEFAULT_LINKS = ("wifi", "4g", "3g")
@@ -102,21 +101,25 @@ def parse_defences(specs: list[str]) -> list[tuple[str, float]]:
             raise ValueError(f"unknown defence {name!r} in {spec!r}; defences: {', '.join(defences.DEFENCES)}")
         cls = defences.DEFENCES[name]
         if not strengths:
-            if cls.default_strength is None:
-                raise ValueError(f"{spec!r}: {name} needs strengths, NAME:S1,S2,... ({cls.strength_means})")
-            out.append((name, cls.default_strength))
+            if cls.strengths.default is None:
+                raise ValueError(f"{spec!r}: {name} needs strengths, NAME:S1,S2,... ({cls.strengths.describe()})")
+            out.append((name, cls.strengths.default))
             continue
         try:
-            out += [(name, float(s)) for s in strengths.split(",")]
+            chosen = [float(s) for s in strengths.split(",")]
         except ValueError:
             raise ValueError(f"{spec!r}: strengths must be numbers separated by commas") from None
+        # Checked here against what the defence declares, not after the configurations before it have run.
+        wrong = [s for s in chosen if not cls.strengths.allows(s)]
+        if wrong:
+            raise ValueError(f"{spec!r}: {name} takes {cls.strengths.describe()}, not {', '.join(map(str, wrong))}")
+        out += [(name, s) for s in chosen]
     return out
 
 
 def parse_knobs(specs: list[str]) -> dict[str, dict]:
     """["decoder.epochs=5", "rmle.steps=100"] -> {"decoder": {"epochs": 5}, "rmle": {"steps": 100}}."""
     from splitleak.attacker.attacks import ATTACKS
-    from splitleak.attacker.replay import knobs_of
 
     knobs: dict[str, dict] = {}
     for spec in specs:
@@ -126,13 +129,13 @@ def parse_knobs(specs: list[str]) -> dict[str, dict]:
             raise ValueError(f"--knob {spec!r}: expected ATTACK.NAME=VALUE, e.g. decoder.epochs=5")
         if attack not in ATTACKS:
             raise ValueError(f"--knob {spec!r}: no attack {attack!r}; attacks: {', '.join(ATTACKS)}")
-        allowed = knobs_of(attack)
-        if knob not in allowed:
-            raise ValueError(f"{attack} has no knob {knob!r}; its knobs: {', '.join(allowed)}")
         try:
-            knobs.setdefault(attack, {})[knob] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            knobs.setdefault(attack, {})[knob] = value  # a string, such as a defence's name
+            parsed = value  # a string
+        knobs.setdefault(attack, {})[knob] = parsed
+    for attack, given in knobs.items():
+        ATTACKS[attack].check_knobs(given)  # names, types and ranges, as the attack declares them, before any run
     return knobs
 
 
@@ -150,11 +153,6 @@ def configs(model_dir: Path, variants: list[Path], splits: list[str] | None, run
         for split in chosen:
             if split in v.splits:
                 yield Config(variant, split)
-
-
-def training_defence(model_dir: Path) -> dict | None:
-    """The training-time defence a model variant was trained with (its manifest's `training_defence`), or None."""
-    return json.loads((model_dir / "manifest.json").read_text()).get("training_defence")
 
 
 # Caching: a key is a hash of everything that changes a result.
@@ -180,7 +178,7 @@ def cache_path(config: Config, settings: Settings, what: str) -> Path:
 # One configuration: the real run, then the attacks on what the cloud recorded.
 
 
-def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict, Path]:
+def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[FrameRecord], Path]:
     """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
     capture_dir, out = workdir / "capture", workdir / "device.json"
     with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
@@ -200,31 +198,32 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[dict,
             "--seed", str(settings.seed),
             "--json", str(out),
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=process.dies_with_parent())
         if done.returncode != 0:
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
         process.stop(cloud)
-    return json.loads(out.read_text())["frames"], capture_dir
+    return [FrameRecord.from_json(frame) for frame in json.loads(out.read_text())["frames"]], capture_dir
 
 
-def measurement(records: list[dict]) -> dict:
+def measurement(records: list[FrameRecord]) -> dict:
     """Per-frame arrays of what a run measured: the stages, the bytes, whether the cloud's prediction was right."""
-    if any(r["error"] for r in records):
-        raise RuntimeError(f"the cloud refused frames: {next(r['error'] for r in records if r['error'])}")
-    device = [r["preprocess_ms"] + r["head_ms"] + r["defence_ms"] + r["encode_ms"] for r in records]
+    refused = [r.error for r in records if r.error]
+    if refused:
+        raise RuntimeError(f"the cloud refused frames: {refused[0]}")
+    device = [r.preprocess_ms + r.head_ms + r.defence_ms + r.encode_ms for r in records]
     return {
-        "frame": [r["frame"] for r in records],
-        "correct": [bool(r["prediction"] == r["label"]) for r in records],
-        "prediction": [r["prediction"] for r in records],
-        "bytes_up": [r["bytes_up"] for r in records],
-        "bytes_down": [r["bytes_down"] for r in records],
+        "frame": [r.frame for r in records],
+        "correct": [bool(r.prediction == r.label) for r in records],
+        "prediction": [r.prediction for r in records],
+        "bytes_up": [r.bytes_up for r in records],
+        "bytes_down": [r.bytes_down for r in records],
         "device_ms": device,
-        "cloud_ms": [r["cloud_ms"] for r in records],
+        "cloud_ms": [r.cloud_ms for r in records],
         # What loopback adds beyond compute: serialisation, gRPC and the kernel's loopback, both ways.
-        "transport_ms": [r["total_ms"] - d - r["cloud_ms"] for r, d in zip(records, device, strict=True)],
-        "loopback_uplink_ms": [r["uplink_ms"] for r in records],
-        "loopback_downlink_ms": [r["downlink_ms"] for r in records],
+        "transport_ms": [r.total_ms - d - r.cloud_ms for r, d in zip(records, device, strict=True)],
+        "loopback_uplink_ms": [r.uplink_ms for r in records],
+        "loopback_downlink_ms": [r.downlink_ms for r in records],
     }
 
 
@@ -245,25 +244,24 @@ def attack_scores(
 ) -> dict:
     """Invert the first of the `intercepted` frames with `attack` (ATTACK_FRAMES caps the slow ones), score them."""
     from splitleak.attacker import scoring
-    from splitleak.attacker.attacks import ATTACKS, build
-    from splitleak.attacker.replay import KNOWLEDGE, knowledge
+    from splitleak.attacker.attacks import build
+    from splitleak.attacker.replay import knowledge
 
     m = load_manifest(config.model_dir)
     frame_ids, activations, originals = (a[: settings.frames_of(attack)] for a in frames)
-    given = dict(settings.knobs_of(attack))
+    knobs = settings.knobs_of(attack)
     aux = {"aux_dataset": settings.dataset, "aux_limit": settings.aux_images, "seed": settings.seed}
-    given.update(knowledge(attack, m, config.split, **aux))
-    if "defence" in inspect.signature(ATTACKS[attack]).parameters and config.defence != "none":
-        given.update(defence=config.defence, strength=config.strength)
+    # An adaptive attack is told the defence (its class says whether it is); the others attack as they would anyway.
+    given = knowledge(attack, m, config.split, **aux, defence=config.defence, strength=config.strength)
     start = time.perf_counter()
-    attacker = build(attack, **given)
+    attacker = build(attack, **given, **knobs)
     built = time.perf_counter()
     reconstructions = attacker.invert(activations)
     inverted = time.perf_counter()
     scores = scoring.score(originals, reconstructions, manifest=m, split=config.split)
     summary = scores["summary"]
     return {
-        "knobs": {k: v for k, v in given.items() if k not in KNOWLEDGE},
+        "knobs": knobs | {k: given[k] for k in ("defence", "strength") if k in given},
         "frames": len(frame_ids),
         "psnr": summary["psnr_mean"],
         "ssim": summary["ssim_mean"],
@@ -305,26 +303,33 @@ def link_delays_ms(profile: link.LinkProfile, nbytes: list[int], seed: int) -> n
     return np.array([(model.arrival(n, t) - t) * 1e3 for n, t in zip(nbytes, sent, strict=True)])
 
 
-def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[dict]:
+def latency(values: np.ndarray) -> Latency:
+    return Latency(median=float(np.median(values)), p95=float(np.percentile(values, 95)))
+
+
+def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[SweepRow]:
     """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from."""
     measured = result["measured"]
-    variant = training_defence(config.model_dir)
-    base = {
-        "model": load_manifest(config.model_dir).name,
-        "split": config.split,
-        "defence": variant["name"] if variant else config.defence,
-        "strength": variant["strength"] if variant else config.strength,
-        "training_time": bool(variant),
-        "frames": len(measured["frame"]),
-        "accuracy": float(np.mean(measured["correct"])),
+    m = load_manifest(config.model_dir)
+    variant = m.training_defence
+    configuration = dict(
+        model=m.name,
+        split=config.split,
+        defence=variant["name"] if variant else config.defence,
+        strength=variant["strength"] if variant else config.strength,
+        training_time=bool(variant),
+        frames=len(measured["frame"]),
+        accuracy=float(np.mean(measured["correct"])),
         # in points, rounded so that a drop of exactly 1 frame in 100 is 1.0, not 1.0000000000000009
-        "accuracy_drop": round(100 * (float(np.mean(reference["correct"])) - float(np.mean(measured["correct"]))), 6),
-        "bytes_up": float(np.median(measured["bytes_up"])),
-    }
-    for attack, scores in result["attacks"].items():
-        for what in ("psnr", "ssim", "recognisable", "label_leakage"):
-            base[f"{attack}_{what}"] = scores[what]
-    base["max_ssim"] = max((s["ssim"] for s in result["attacks"].values()), default=float("nan"))
+        accuracy_drop=round(100 * (float(np.mean(reference["correct"])) - float(np.mean(measured["correct"]))), 6),
+        bytes_up=float(np.median(measured["bytes_up"])),
+        attacks={
+            attack: AttackScores(
+                psnr=s["psnr"], ssim=s["ssim"], recognisable=s["recognisable"], label_leakage=s["label_leakage"]
+            )
+            for attack, s in result["attacks"].items()
+        },
+    )
     out = []
     for name in links:
         profile = link.profile(name)
@@ -335,45 +340,38 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
             "uplink": link_delays_ms(profile, measured["bytes_up"], seed),
             "downlink": link_delays_ms(profile, measured["bytes_down"], seed + 1),
         }
-        row = dict(base, link=name)
-        for stage in (*LATENCY_STAGES, "total"):
-            values = sum(stages.values()) if stage == "total" else stages[stage]
-            row[f"{stage}_ms_median"] = float(np.median(values))
-            row[f"{stage}_ms_p95"] = float(np.percentile(values, 95))
-        out.append(row)
+        total = sum(stages.values())  # summed in this order, as the sweep always has: another changes the last bits
+        latency_ms = {stage: latency(stages[stage]) for stage in LATENCY_STAGES} | {"total": latency(total)}
+        out.append(SweepRow(**configuration, link=name, latency_ms=latency_ms))
     return out
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[SweepRow]) -> str:
     """The table for people: one line per configuration, the links side by side (median total latency)."""
-    links = list(dict.fromkeys(r["link"] for r in table))
-    attacks = [k.removesuffix("_ssim") for k in table[0] if k.endswith("_ssim") and k != "max_ssim"]
+    links = list(dict.fromkeys(r.link for r in table))
+    attacks = list(table[0].attacks)
     head = ["split", "defence", "strength", "accuracy", "drop (points)", "bytes up"]
     head += [f"{a} SSIM" for a in attacks] + [f"{a} label leakage" for a in attacks] + [f"{n} ms" for n in links]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    by_config: dict[tuple, dict[str, dict]] = {}
+    by_config: dict[tuple, dict[str, SweepRow]] = {}
     for r in table:
-        by_config.setdefault((r["model"], r["split"], r["defence"], r["strength"]), {})[r["link"]] = r
+        by_config.setdefault((r.model, r.split, r.defence, r.strength), {})[r.link] = r
     for (_, split, defence, strength), per_link in by_config.items():
         r = per_link[links[0]]
-        trained = " (trained)" if r["training_time"] else ""
-        cells = [split, defence + trained, f"{strength:g}", f"{100 * r['accuracy']:.1f}%", f"{r['accuracy_drop']:.1f}"]
-        cells += [f"{r['bytes_up']:,.0f}"] + [f"{r[f'{a}_ssim']:.3f}" for a in attacks]
-        cells += [f"{100 * r[f'{a}_label_leakage']:.0f}%" for a in attacks]
-        cells += [f"{per_link[n]['total_ms_median']:.1f}" for n in links]
+        trained = " (trained)" if r.training_time else ""
+        cells = [split, defence + trained, f"{strength:g}", f"{100 * r.accuracy:.1f}%", f"{r.accuracy_drop:.1f}"]
+        cells += [f"{r.bytes_up:,.0f}"] + [f"{r.attacks[a].ssim:.3f}" for a in attacks]
+        cells += [f"{100 * r.attacks[a].label_leakage:.0f}%" for a in attacks]
+        cells += [f"{per_link[n].total_ms():.1f}" for n in links]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: list[dict], out: Path) -> None:
+def write_table(table: list[SweepRow], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(table, indent=1))
+    write_json(table, out / "sweep.json")
     (out / "sweep.md").write_text(markdown(table))
-    columns = list(dict.fromkeys(k for row in table for k in row))
-    with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(table, out / "sweep.csv")
 
 
 def sweep(
@@ -386,7 +384,7 @@ def sweep(
     attacks: list[str],
     settings: Settings,
     progress: bool = True,
-) -> list[dict]:
+) -> list[SweepRow]:
     from tqdm import tqdm
 
     todo = list(configs(model_dir, variants, splits, runtime))

@@ -1,0 +1,106 @@
+"""The tail of each exported split, and what a request must hold for it to run: `Tail.validate` checks what can be
+checked before the tensors are read (the codec and splitleak.core.defences.restore check the rest), and every
+refusal is an InferError with the status and the message the client gets, its own strings cut short."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from splitleak.core import codec, defences, manifest, serving
+from splitleak.core.serving import quote, quote_all
+from splitleak.protos import inference_pb2 as pb
+
+MAX_BATCH = 256
+
+
+class InferError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = serving.clip(message)
+        self.request_id = request_id
+
+
+@dataclass
+class Tail:
+    """The tail of one split, ready to run."""
+
+    name: str
+    session: ort.InferenceSession
+    activation_shape: tuple[int, ...]
+    activation_datatype: str
+    num_classes: int
+
+    @classmethod
+    def load(cls, m: manifest.Manifest, split: manifest.Split, threads: int) -> Tail:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(split.tail), options, providers=["CPUExecutionProvider"])
+        return cls(
+            m.served_name(split.name), session, split.activation_shape, split.activation_datatype, len(m.classes)
+        )
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        return pb.ModelMetadataResponse(
+            name=self.name,
+            versions=["1"],
+            platform="onnxruntime_onnx",
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name="activation", datatype=self.activation_datatype, shape=[-1, *self.activation_shape]
+                )
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, self.num_classes])
+            ],
+        )
+
+    def expected(self) -> str:
+        return (
+            f"one input 'activation' of datatype {self.activation_datatype} and shape [-1, "
+            f"{', '.join(map(str, self.activation_shape))}] in raw_input_contents, or a defended form: "
+            f"{defences.forms(self.activation_shape)}"
+        )
+
+    def validate(self, request: pb.ModelInferRequest) -> None:
+        """What can be checked before the tensors are read; the codec and `restore` check the rest of the form."""
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        names = [t.name for t in request.inputs]
+        if "activation" not in names or len(set(names)) != len(names) or not set(names) <= set(defences.INPUTS):
+            raise InferError(invalid, f"{self.name}: got inputs {quote_all(names)}; expected {self.expected()}")
+        for tensor in request.inputs:  # the names are known ones from here on
+            if tensor.datatype not in codec.DATATYPES:
+                raise InferError(
+                    invalid, f"{self.name}: input '{tensor.name}' has unknown datatype {quote(tensor.datatype)}"
+                )
+        tensor = request.inputs[names.index("activation")]
+        if tensor.datatype not in defences.DATATYPES:
+            raise InferError(invalid, f"{self.name}: got datatype {quote(tensor.datatype)}; expected {self.expected()}")
+        shape = tensor.shape
+        if len(shape) < 2 or shape[0] < 1 or any(d < 0 for d in shape):
+            raise InferError(invalid, f"{self.name}: got shape {quote_all(shape, 8)}; expected {self.expected()}")
+        if shape[0] > MAX_BATCH:
+            raise InferError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.name}: batch of {shape[0]} is over the limit of {MAX_BATCH}"
+            )
+        unknown = [o.name for o in request.outputs if o.name != "logits"]
+        if unknown:
+            raise InferError(invalid, f"{self.name}: no output named {quote_all(unknown)}; the only output is 'logits'")
+
+    def run(self, activation: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"activation": activation})[0]
+
+
+def load_tails(model_dirs: list[Path], threads: int = 1) -> dict[str, Tail]:
+    tails = {}
+    for model_dir in model_dirs:
+        m = manifest.load(model_dir)
+        for split in m.splits.values():
+            tail = Tail.load(m, split, threads)
+            tails[tail.name] = tail
+    return tails

@@ -1,0 +1,231 @@
+"""The device's stream to the cloud over Triton's ModelStreamInfer, carried across breaks: no frame lost or doubled.
+
+A break is the cloud (or a proxy in front of it) going away: the call fails (UNAVAILABLE, a connection reset: any
+status but those that say the request itself is wrong, FATAL), or it ends before every frame is answered, or the
+cloud answers a frame in-band with an `error_message` that begins "UNAVAILABLE", as a draining cloud rejects what it
+will no longer run. On such a rejection the device stops sending on that stream but reads it to its end, so that what
+the cloud took is still answered. Then it connects again on a fresh channel, waiting 0.1 s, doubling up to 2 s,
+before each attempt, checks that the cloud serves the head's tail, and sends again, in order, every frame not yet
+answered (splitleak.device.frames keeps the books). It gives up `reconnect_s` seconds after the break (0: at the
+break) with a DeviceError; the clock starts again once a frame is answered on the new stream. Every other in-band
+error (a bad request: NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) answers its frame with that error, since
+sending it again would get the same.
+
+However a stream ends (done, failed, or interrupted by a signal), the producer's thread is stopped and joined, the
+call cancelled and its request iterator ended before control returns: a gRPC thread left inside the iterator when the
+interpreter exits aborts the process ("terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from splitleak.core import defences, link, transport
+from splitleak.core.records import FrameRecord
+from splitleak.device.control import Control
+from splitleak.device.frames import MAX_UNANSWERED, Ledger, Pacer, Producer, complete
+from splitleak.device.head import Head
+from splitleak.protos import inference_pb2 as pb
+from splitleak.protos import inference_pb2_grpc as pb_grpc
+
+# Statuses that say the request itself is wrong: sending it again on a new stream would get the same.
+FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+GOING_AWAY = "UNAVAILABLE"  # an in-band error_message so begun: this cloud will not run the frame, another may
+BACKOFF_S = (0.1, 2.0)  # the first wait before a reconnect attempt, and the longest
+ATTEMPT_S = 5.0  # how long one reconnect attempt may take to get the cloud's answer
+
+
+class DeviceError(RuntimeError):
+    """The device cannot go on: the message says why, for the user."""
+
+
+class _Break(Exception):
+    """The stream broke in a way another stream may not: the message says how."""
+
+
+def check_cloud(
+    stub: pb_grpc.GRPCInferenceServiceStub, head: Head, target: str, timeout_s: float, wait_for_ready: bool = True
+) -> None:
+    """Fail with a clear message if the cloud is down or serves a different tail. `wait_for_ready`: wait up to
+    `timeout_s` for the cloud to come up; otherwise a refused connection fails at once."""
+    try:
+        meta = stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=head.served_name), timeout=timeout_s, wait_for_ready=wait_for_ready
+        )
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            raise DeviceError(f"the cloud at {target} does not serve {head.served_name}: {e.details()}") from e
+        raise DeviceError(f"cannot reach the cloud at {target}: {e.code().name} {e.details()}") from e
+    expected = [-1, *head.split.activation_shape]
+    got = meta.inputs[0] if meta.inputs else None
+    if got is None or list(got.shape) != expected or got.datatype != head.split.activation_datatype:
+        raise DeviceError(
+            f"the cloud's {head.served_name} takes {got}; this head sends {head.split.activation_datatype} {expected}"
+        )
+
+
+class Cloud:
+    """The channel to the cloud (or a proxy in front of it), opened anew after a break: a fresh channel tries at
+    once, where an old one may be waiting out gRPC's own reconnect backoff (up to two minutes)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel: grpc.Channel | None = None
+        self.stub: pb_grpc.GRPCInferenceServiceStub | None = None
+
+    def connect(self, head: Head, timeout_s: float, wait_for_ready: bool = True) -> None:
+        """Open a channel and check the cloud serves `head`'s tail (DeviceError if not)."""
+        self.close()
+        self._channel = transport.channel(self.target)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        try:
+            check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready)
+        except DeviceError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the channel, which cancels any call on it."""
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self.stub = None
+
+    def __enter__(self) -> Cloud:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Stream:
+    """One pass over the frames through the head, the defence and the cloud, across breaks. `records()` holds every
+    frame's record so far, at any moment: after a failure or an interrupt too.
+
+    `on_record` hears each record the moment its answer is back; `say` hears a line on each break, reconnect attempt
+    and reconnection. With `rate` 0, `max_rate` caps the frames a second. `control` may switch head, link and defence
+    between frames."""
+
+    def __init__(
+        self,
+        head: Head,
+        cloud: Cloud,
+        *,
+        rate: float = 0.0,
+        max_rate: float = 0.0,
+        link_profile: link.LinkProfile = link.PROFILES["loopback"],
+        defence: defences.Defence | None = None,
+        control: Control | None = None,
+        seed: int = 0,
+        reconnect_s: float = 0.0,
+        on_record: Callable[[FrameRecord], None] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        uplink, self.downlink = link.Link(link_profile, seed), link.Link(link_profile, seed + 1)
+        defence = defence or defences.build("none", split=head.split)
+        self.cloud = cloud
+        self.pacer = Pacer(rate, max_rate)
+        self.ledger = Ledger(uplink, in_flight=MAX_UNANSWERED if rate > 0 else 1)
+        self.producer = Producer(head, defence, control, uplink, self.downlink, seed)
+        self.reconnect_s = reconnect_s
+        self.on_record = on_record or (lambda record: None)
+        self.say = say or (lambda line: None)
+        self.reconnects = 0
+        self._broken_since: float | None = None  # time.monotonic() of the break not yet mended by an answer
+
+    def records(self) -> list[FrameRecord]:
+        return self.ledger.records()
+
+    @property
+    def duplicates(self) -> int:
+        return self.ledger.duplicates
+
+    def run(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        """Stream the frames until each is answered; DeviceError if the cloud cannot answer them."""
+        self.producer.start(zip(indices, images, labels, strict=True), self.pacer, self.ledger)
+        try:
+            while (why := self._stream()) is not None:
+                answered, unanswered = self.ledger.counts()
+                lost = f"the stream to the cloud at {self.cloud.target} broke after {answered} of {len(indices)} frames"
+                if self.reconnect_s <= 0:
+                    raise DeviceError(f"{lost} ({why}); not reconnecting (reconnect budget 0 s)")
+                self.say(f"{lost} ({why}); reconnecting ({unanswered} frames unanswered)")
+                self._reconnect()
+        finally:
+            self.ledger.stop()
+            self.producer.join()
+        if self.producer.failure is not None:
+            raise self.producer.failure
+
+    def _stream(self) -> str | None:
+        """One call: None once every frame is answered, or why it broke."""
+        closed = threading.Event()
+        call = self.cloud.stub.ModelStreamInfer(self.ledger.requests(closed))
+        why = "the cloud ended the stream"
+        try:
+            for response in call:
+                if response.error_message.startswith(GOING_AWAY):
+                    why = f"the cloud is going away: {response.error_message}"
+                    self.ledger.close(closed)  # and read on: what the cloud took is still answered
+                    continue
+                self._answer(response)
+                if self.ledger.finished():
+                    return None
+        except grpc.RpcError as e:
+            if e.code() in FATAL:
+                raise DeviceError(
+                    f"the cloud at {self.cloud.target} refused the stream: {e.code().name} {e.details()}"
+                ) from e
+            return f"{e.code().name} {e.details()}"
+        finally:
+            self.ledger.close(closed)
+            call.cancel()
+        return None if self.ledger.finished() else why
+
+    def _answer(self, response: pb.ModelStreamInferResponse) -> None:
+        request_id = response.infer_response.id
+        record = self.ledger.record(request_id)
+        if record is None:
+            return  # answered before: a duplicate, counted by the ledger
+        record = complete(record, response, self.downlink)
+        self.ledger.answer(request_id, record)
+        self._broken_since = None
+        self.on_record(record)
+
+    def _reconnect(self) -> None:
+        """Connect again, backing off, until the cloud answers or `reconnect_s` has passed since the break."""
+        self.cloud.close()
+        self._broken_since = self._broken_since or time.monotonic()
+        backoff, attempt = BACKOFF_S[0], 0
+        while True:
+            left = self.reconnect_s - (time.monotonic() - self._broken_since)
+            if left <= 0:
+                raise DeviceError(
+                    f"gave up on the cloud at {self.cloud.target}: no answer within {self.reconnect_s:g} s of the "
+                    f"break ({attempt} attempts to reconnect)"
+                )
+            time.sleep(min(backoff, left))
+            attempt += 1
+            timeout_s = min(ATTEMPT_S, max(left - backoff, 0.1))
+            try:
+                self.cloud.connect(self.producer.head, timeout_s, wait_for_ready=False)
+            except DeviceError as e:
+                self.say(f"reconnect attempt {attempt} failed: {e}")
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            self.reconnects += 1
+            self.say(f"reconnected to {self.cloud.target} (attempt {attempt})")
+            return
