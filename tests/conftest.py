@@ -18,20 +18,21 @@ os.environ["SPLITLEAK_DATA"] = str(SAMPLE)
 
 EXPORTED_SPLITS = ("layer1", "layer2")  # attacked_model_dir's decoders: the default split, and one to switch to
 TINY_TRAIN_IMAGES = 1000  # the sample's whole CIFAR-10 train split; tiny_checkpoint and its fine-tunings train on it
-# Fixtures that train: a test that uses one is slow by definition, and the quick loop (-m "not slow") must never
-# wait for them, so a test that asks for one without the slow marker is an error at collection.
-TRAINING_FIXTURES = {"tiny_checkpoint", "tiny_model_dir", "cloud", "attacked_model_dir"}
 
 
 def pytest_collection_modifyitems(items) -> None:
+    """A test that needs tiny_checkpoint (directly or through tiny_model_dir, cloud, attacked_model_dir: fixturenames
+    holds them all) waits for training, so it is slow by definition; the quick loop (-m "not slow") must never train,
+    so such a test without the slow marker is an error at collection."""
     unmarked = [
-        f"{item.nodeid} uses {', '.join(sorted(TRAINING_FIXTURES & set(item.fixturenames)))}"
+        item.nodeid
         for item in items
-        if TRAINING_FIXTURES & set(item.fixturenames) and item.get_closest_marker("slow") is None
+        if "tiny_checkpoint" in item.fixturenames and item.get_closest_marker("slow") is None
     ]
     if unmarked:
         raise pytest.UsageError(
-            "mark these @pytest.mark.slow, or use shipped_model_dir / shipped_cloud:\n" + "\n".join(unmarked)
+            "these wait for the tiny model to train: mark them @pytest.mark.slow, or use shipped_model_dir and "
+            "shipped_cloud:\n" + "\n".join(unmarked)
         )
 
 
@@ -45,13 +46,14 @@ def isolated_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(isolated_cache) -> dict:
-    """ResNet-20 trained for 6 epochs on the sample's 1,000 CIFAR-10 images: 10 to 15 s, about 40% accurate.
+    """ResNet-20 trained for 4 epochs on the sample's 1,000 CIFAR-10 images: about 10 s, about a third accurate.
 
-    Six, because after two or four the data-free attack's inverse did as well trained on noise as on the images it
-    synthesises from the head (test_attacks_datafree_shadow), so its test could not tell the two apart."""
+    Four epochs of 1,000 are as many steps as the two of 2,000 the suite trained on before the sample; with two, the
+    data-free attack's inverse did as well trained on noise as on the images it synthesises from the head
+    (test_attacks_datafree_shadow), so its test could not tell the two apart."""
     from splitleak.model.train import TrainConfig, train
 
-    config = TrainConfig(model="resnet20", dataset="cifar10", epochs=6, limit=TINY_TRAIN_IMAGES, lr=0.1)
+    config = TrainConfig(model="resnet20", dataset="cifar10", epochs=4, limit=TINY_TRAIN_IMAGES, lr=0.1)
     return train(config, progress=False)
 
 
@@ -83,9 +85,9 @@ def shipped_model_dir() -> Path:
     return manifest.DEFAULT_MODEL_DIR
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def shipped_cloud(shipped_model_dir):
-    """A real `splitleak cloud` process serving the shipped model; yields its port."""
+    """A real `splitleak cloud` process serving the shipped model, one per test module; yields its port."""
     from splitleak.core.process import start_cloud, stop
 
     proc, port = start_cloud([shipped_model_dir])

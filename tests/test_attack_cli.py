@@ -2,8 +2,8 @@
 replays the capture with an attack that needs the labels of its auxiliary images (`shadow`).
 
 Floors sit between what was measured with the knobs below (the tiny ResNet-20 of conftest, split at the stem, the
-device's first 16 frames of the sample, two torch threads): 22.6 dB, SSIM 0.81; and the same run with the auxiliary
-labels shuffled, which is what replay handing over labels that do not belong to the images gives: 18.7 dB, SSIM 0.66.
+device's first 16 frames of the sample, two torch threads): 20.8 dB, SSIM 0.74; and the same run with the auxiliary
+labels shuffled, which is what replay handing over labels that do not belong to the images gives: 16.5 dB, SSIM 0.58.
 """
 
 from __future__ import annotations
@@ -42,5 +42,5 @@ def test_splitleak_attack_shadow_inverts_a_real_capture_with_the_auxiliary_label
     assert summary["frames"] == FRAMES
     assert summary["auxiliary"] == {"dataset": "cifar10", "images": 500}
     assert summary["knobs"] == {"epochs": 4, "steps": 200}
-    assert summary["psnr_mean"] > 20.5
-    assert summary["ssim_mean"] > 0.73
+    assert summary["psnr_mean"] > 18.5
+    assert summary["ssim_mean"] > 0.66

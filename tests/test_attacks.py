@@ -92,7 +92,9 @@ def test_rmle_reconstructs_a_frame_the_same_whatever_shares_its_batch(tiny_model
     m = manifest.load(tiny_model_dir)
     together = build("rmle", manifest=m, split="stem", steps=20, batch_size=3).invert(activations)
     alone = build("rmle", manifest=m, split="stem", steps=20, batch_size=1).invert(activations)
-    np.testing.assert_allclose(together, alone, atol=1e-4)
+    # A quarter of one 8-bit level: float32 rounding differs with the batch's shape over 20 Adam steps (up to 3e-4
+    # on the tiny model); batch norms in training mode, or a loss that mixes frames, are off by far more.
+    np.testing.assert_allclose(together, alone, atol=1e-3)
 
 
 @pytest.mark.slow

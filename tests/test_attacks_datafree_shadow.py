@@ -1,14 +1,14 @@
 """The data-free (DCI) and query-free (shadow head) attacks invert real activations of a real tiny model.
 
-Measured on the tiny ResNet-20 of conftest (6 epochs on the sample's 1,000 CIFAR-10 images), split at the stem, 64
+Measured on the tiny ResNet-20 of conftest (4 epochs on the sample's 1,000 CIFAR-10 images), split at the stem, 64
 test frames of the sample; each floor sits between what the attack gets and what it gets when its distinctive step
 does nothing:
 
-- datafree with the knobs below: ~21.2 dB, SSIM ~0.82; its inverse trained on uniform noise instead of images
-  synthesised from the head's batch-norm statistics (one synthesis step): ~19.5 dB, ~0.82, so on this model only the
-  PSNR floor separates them; the data set's mean colour: ~12 dB, ~0.13.
-- shadow on 500 auxiliary images for 4 epochs: ~21.7 dB, SSIM ~0.82; rMLE against an untrained shadow head (its
-  training loop skipped): ~7.6 dB, SSIM ~0.
+- datafree with the knobs below: 20.9 to 21.4 dB from run to run, SSIM ~0.82; its inverse trained on uniform noise
+  instead of images synthesised from the head's batch-norm statistics (one synthesis step): ~19.8 dB, ~0.81, so on
+  this model only the PSNR floor separates them; the data set's mean colour: ~12 dB, ~0.13.
+- shadow on 500 auxiliary images for 4 epochs: ~19.9 dB, SSIM ~0.78; rMLE against an untrained shadow head, which
+  still finds where the edges are: ~17.0 dB, ~0.67.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_shared
 
 from splitleak.attacker import proxy, scoring
 from splitleak.core import capture, defences, manifest
@@ -88,7 +87,7 @@ def test_the_device_lists_a_plugin_defence_with_its_strengths_and_still_never_im
     assert missing.returncode != 0 and "SPLITLEAK_DEFENCES names 'no_such_module'" in missing.stderr
 
 
-@needs_shared
+@pytest.mark.slow
 def test_splitleak_attack_inverts_a_capture_of_a_device_running_a_plugin_defence_with_a_plugin_attack(
     cloud, tiny_model_dir, tmp_path, plugins
 ):
@@ -122,7 +121,6 @@ def test_splitleak_attack_inverts_a_capture_of_a_device_running_a_plugin_defence
     assert "rmle cannot model the toy-scale defence: its class declares no `received` form" in refused.stderr
 
 
-@needs_shared
 @pytest.mark.slow
 def test_splitleak_sweep_runs_a_plugin_attack_against_a_plugin_defence(tiny_model_dir, tmp_path, plugins):
     sweep = ["sweep", "--model-dir", str(tiny_model_dir), "--split", "stem", "--attack", "toy-mean", "--link", "wifi"]
@@ -169,7 +167,6 @@ def first_frame(url: str, wanted, timeout_s: float = 90) -> dict:
     pytest.fail(f"no such frame within {timeout_s} s")
 
 
-@needs_shared
 @pytest.mark.slow
 def test_the_demo_offers_a_plugin_defence_on_its_declared_slider_and_shows_an_exported_plugin_attack(
     tiny_model_dir, tmp_path, plugins

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cloud_limits import OpenStream, connection, good, is_answered, twenty_idle_streams_then_a_device
 
 from splitleak.attacker import proxy
-from splitleak.core import capture, codec, manifest, serving, transport
+from splitleak.core import capture, codec, serving, transport
 from splitleak.core.process import start_cloud, stop
 from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
@@ -207,22 +207,15 @@ def test_the_taps_never_import_torch():
 # The proxy as a server: idle streams cannot starve it either, and it ends within its grace period.
 
 
-@pytest.fixture(scope="module")
-def shipped_cloud():
-    """A real cloud on the shipped model: no training, no data set."""
-    proc, port = start_cloud([manifest.DEFAULT_MODEL_DIR])
-    yield f"127.0.0.1:{port}"
-    stop(proc)
-
-
 @pytest.fixture
 def start_tap(shipped_cloud, tmp_path):
     """Starts an in-process proxy to the shipped cloud with the limits given; returns its address."""
-    sink = capture.CaptureSink(capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=shipped_cloud))
+    cloud = f"127.0.0.1:{shipped_cloud}"
+    sink = capture.CaptureSink(capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=cloud))
     taps = []
 
     def start(limits: serving.Limits) -> str:
-        taps.append(proxy.Proxy(shipped_cloud, sink, limits=limits))
+        taps.append(proxy.Proxy(cloud, sink, limits=limits))
         return f"127.0.0.1:{taps[-1].start()}"
 
     yield start
@@ -252,7 +245,7 @@ def test_a_stream_idle_at_the_proxy_is_closed_and_one_over_the_limit_is_answered
 
 
 def test_the_proxy_ends_within_its_grace_period_on_sigterm_with_a_stream_open(shipped_cloud, tmp_path):
-    proc, port = proxy.start_process(shipped_cloud, tmp_path / "capture", extra=["--grace", "2"])
+    proc, port = proxy.start_process(f"127.0.0.1:{shipped_cloud}", tmp_path / "capture", extra=["--grace", "2"])
     with connection(f"127.0.0.1:{port}") as channel:
         stream = OpenStream(channel)
         assert is_answered(stream.ask(good()))

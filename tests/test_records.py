@@ -56,11 +56,12 @@ def test_a_frame_sent_again_or_never_answered_says_so_and_a_plain_one_writes_wha
 
 
 def test_a_device_s_json_file_and_records_lines_load_into_frame_records_with_every_field(
-    cloud, tiny_model_dir, tmp_path
+    shipped_cloud, shipped_model_dir, tmp_path
 ):
     out, lines = tmp_path / "device.json", tmp_path / "records.jsonl"
-    cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{cloud}", "--dataset", "embedded"]
-    cmd += ["--model-dir", str(tiny_model_dir), "--limit", "5", "--json", str(out), "--records", str(lines)]
+    cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{shipped_cloud}"]
+    cmd += ["--dataset", "embedded", "--model-dir", str(shipped_model_dir), "--limit", "5"]
+    cmd += ["--json", str(out), "--records", str(lines)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     frames = json.loads(out.read_text())["frames"]

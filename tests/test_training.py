@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_shared
 
 from splitleak import cli
 from splitleak.model import objectives, train, zoo
@@ -98,7 +97,7 @@ def test_the_one_cycle_schedule_takes_every_step_of_a_run_however_short(steps):
     assert all(0 <= rate <= 0.2 for rate in rates)
 
 
-@needs_shared
+@pytest.mark.slow
 def test_training_on_one_batch_of_a_hundred_images_works_from_the_command_line(capsys):
     assert cli.main(["train", "--limit", "100", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
