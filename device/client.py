@@ -30,6 +30,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,12 @@ def load_frames(
     indices = np.random.default_rng(seed).permutation(len(ds))[:limit]
     channels, size = m.input_shape[0], m.input_shape[1]
     images = data.resize(ds.images[indices], size, channels)
-    labels = ds.labels[indices] if tuple(ds.classes) == m.classes else np.full(len(indices), -1)
+    labels, unmapped = ds.labels_as(m.classes)
+    if unmapped and len(unmapped) < len(ds.classes):
+        # Some classes match the model's by name (an image folder's sub-folders, say) and some do not: say which.
+        unlabelled = f"{dataset}: classes {', '.join(unmapped)} are not {m.name}'s; their frames count as unlabelled"
+        warnings.warn(unlabelled, stacklevel=2)
+    labels = labels[indices]
     return indices, images, labels
 
 

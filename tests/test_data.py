@@ -1,6 +1,7 @@
 """Data sets load by name as numpy arrays; the embedded ones need neither network nor data root."""
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -95,3 +96,29 @@ def test_labels_map_to_a_models_classes_by_name_whatever_their_order():
     labels, unmapped = ds.labels_as(("dog", "bird", "cat"))
     assert labels.tolist() == [2, 0, -1, -1]
     assert unmapped == ["zebra"]
+
+
+def test_the_device_labels_an_image_folder_by_class_name_and_warns_of_the_rest(shipped_cloud, tmp_path):
+    # Sub-folders sort as "cat", "ship", "zebra": not the model's order, and "zebra" is not a CIFAR-10 class at all.
+    test = data.load("cifar10", "test")
+    for name in ("ship", "cat"):
+        folder = tmp_path / "photos" / name
+        folder.mkdir(parents=True)
+        for i, image in enumerate(test.images[test.labels == test.classes.index(name)][:3]):
+            Image.fromarray(image).save(folder / f"{i}.png")
+    (tmp_path / "photos" / "zebra").mkdir()
+    Image.fromarray(test.images[0]).save(tmp_path / "photos" / "zebra" / "0.png")
+    out = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{shipped_cloud}"]
+        + ["--dataset", f"imagefolder:{tmp_path / 'photos'}", "--limit", "7", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "classes zebra are not resnet20-cifar10's" in done.stderr
+    frames = json.loads(out.read_text())["frames"]
+    cifar = list(test.classes)
+    labels = sorted(f["label"] for f in frames)
+    assert labels == sorted([-1] + [cifar.index("cat")] * 3 + [cifar.index("ship")] * 3)
