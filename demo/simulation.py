@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -169,14 +170,22 @@ class Simulation:
         allowed = {"split", "link", "defence", "strength", "attacks"}
         if not isinstance(change, dict) or not change or set(change) - allowed:
             raise ValueError(f"a change is a JSON object with any of {', '.join(sorted(allowed))}")
+        # JSON gives any type anywhere: check each value's type before it is looked up or sent on to the device.
+        for key in ("split", "link", "defence"):
+            if key in change and not isinstance(change[key], str):
+                raise ValueError(f"{key} must be a name (a string), not {change[key]!r}")
+        strength = change.get("strength", 0.0)
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, not {strength!r}")
+        attacks = change.get("attacks", [])
+        if not isinstance(attacks, list) or not all(isinstance(a, str) for a in attacks):
+            raise ValueError(f"attacks must be a list of attack names, not {attacks!r}")
         if "split" in change and change["split"] not in self.manifest.splits:
             raise ValueError(f"no split point {change['split']!r}; split points: {', '.join(self.manifest.splits)}")
         if "link" in change and change["link"] not in link.PROFILES:
             raise ValueError(f"no link profile {change['link']!r}; profiles: {', '.join(link.PROFILES)}")
         if "defence" in change and change["defence"] not in defences.DEFENCES:
             raise ValueError(f"no defence {change['defence']!r}; defences: {', '.join(defences.DEFENCES)}")
-        if "strength" in change and not isinstance(change["strength"], int | float):
-            raise ValueError(f"strength must be a number, not {change['strength']!r}")
         if "defence" in change and "strength" in change:  # a strength alone is for the device's defence to check
             strengths = defences.DEFENCES[change["defence"]].strengths
             if not strengths.allows(change["strength"]):

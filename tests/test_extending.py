@@ -199,6 +199,16 @@ def test_the_demo_offers_a_plugin_defence_on_its_declared_slider_and_shows_an_ex
         assert get(url + "status")["notice"] is None  # the device took the change
         code, answer = post(url + "control", {"defence": "toy-scale", "strength": 9})
         assert code == 400 and "in [0.25, 4], not 9" in answer["error"]
+        # Changes of the wrong type get 400 and a reason, and leave the device running (each was a 500, the last
+        # one, a strength that JSON reads as infinite, killed the device for good).
+        for body in ('{"split": ["layer1"]}', '{"split": {}}', '{"defence": {}}', '{"attacks": 5}', '{"attacks": null}',
+                     '{"attacks": "decoder"}', '{"strength": Infinity}', '{"strength": 1e400}'):  # fmt: skip
+            request = urllib.request.Request(url + "control", body.encode(), {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 400 and json.loads(refused.value.read())["error"], body
+        assert post(url + "control", {"strength": 1.5}) == (200, {"ok": True})
+        assert first_frame(url, lambda f: f["strength"] == 1.5)["defence"] == "toy-scale"
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=60) == 0
