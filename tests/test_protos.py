@@ -24,12 +24,16 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
 
 
 def test_a_stub_edited_by_hand_or_a_proto_changed_without_its_stubs_is_caught(tmp_path):
-    copy = Path(shutil.copytree(PROTOS, tmp_path / "protos", ignore=shutil.ignore_patterns("__pycache__")))
+    copy = tmp_path / "protos"
+    copy.mkdir()
+    shutil.copy(PROTOS / "inference.proto", copy)
+    protogen.generate(copy, proto_dir=copy)  # fresh stubs beside it, whatever state the committed ones are in
     stub = copy / "inference_pb2_grpc.py"
-    stub.write_text(stub.read_text() + "# edited by hand\n")
+    fresh = stub.read_text()
+    stub.write_text(fresh + "# edited by hand\n")
     assert stale_stubs(copy, tmp_path / "edited-stub") == ["inference_pb2_grpc.py"]
 
-    shutil.copy(PROTOS / stub.name, stub)
+    stub.write_text(fresh)
     proto = copy / "inference.proto"
     message = "message ServerLiveRequest {"
     assert message in proto.read_text()
