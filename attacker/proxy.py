@@ -265,10 +265,18 @@ class _Relay:
             return stopped  # the cloud has ended the call; _down relays how
 
     async def _down(self) -> None:
-        await self.context.send_initial_metadata(await self.call.initial_metadata())
+        # The cloud's headers go down with its first answer, or with its status: a call the cloud refuses at once
+        # (an unknown method) then ends trailers-only through the proxy as it does direct, where headers sent ahead of
+        # the refusal raced the status and came back now and then as INTERNAL.
+        headers_sent = False
         while (response := await self.call.read()) is not grpc.aio.EOF:
+            if not headers_sent:
+                await self.context.send_initial_metadata(await self.call.initial_metadata())
+                headers_sent = True
             self.last_message = self.loop.time()
             await serving.send(self.context, response, self.idle_s)
+        if not headers_sent:
+            await self.context.send_initial_metadata(await self.call.initial_metadata())
 
 
 class _Upstream:
