@@ -60,6 +60,9 @@ _UPSTREAM_OPTIONS = [
 # How long a device's connection to the cloud is kept after its last call: a device's calls come moments apart
 # (its check, then its stream), and a unary call should not pay for a new connection each time.
 LINGER_S = 10.0
+# How many streams the proxy opens to the cloud for one of the device's when the cloud ends them before taking its first
+# request and does not refuse it again when asked as a single request (see _Relay.run and _refused_again).
+ASKS = 3
 
 log = logging.getLogger("splitleak.proxy")
 
@@ -169,11 +172,21 @@ class _Forwarder(grpc.GenericRpcHandler):
         counted = method in CAPTURED_METHODS or method not in _CARDINALITY
         async with self.gate.call(context, method, counted=counted) as admitted:
             if admitted:
-                async with self._upstream(context.peer()) as channel:
-                    call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
-                    reader = serving.Reader(context, self.gate.stopping)
-                    passed = functools.partial(self._passed, method)
-                    await _Relay(context, call, reader, self.gate.limits.idle_timeout_s, passed).run()
+                reader = serving.Reader(context, self.gate.stopping)
+                passed = functools.partial(self._passed, method)
+                try:
+                    async with self._upstream(context.peer()) as channel:
+                        unsent = None
+                        for ask in range(1, ASKS + 1):
+                            call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
+                            relay = _Relay(context, call, reader, self.gate.limits.idle_timeout_s, passed, unsent)
+                            if await relay.run(last=ask == ASKS):
+                                break
+                            unsent = relay.unsent
+                            if await _refused_again(channel, method, unsent, context):
+                                break
+                finally:
+                    reader.close()
 
     def _passed(self, method: str, request: bytes) -> None:
         if method in CAPTURED_METHODS:
@@ -213,15 +226,23 @@ class _Relay:
 
     It is idle when no message has gone either way for the idle timeout: a device waiting for its answer is not."""
 
-    def __init__(self, context, call, reader: serving.Reader, idle_s: float, passed) -> None:
+    def __init__(self, context, call, reader: serving.Reader, idle_s: float, passed, unsent: bytes | None) -> None:
         self.context, self.call, self.reader = context, call, reader
         self.idle_s = idle_s
         self.passed = passed  # called with each request on its way to the cloud
+        # The device's first request when an earlier call to the cloud ended before taking it: sent first, not re-read.
+        self.unsent = unsent
+        self.taken = False  # whether the cloud has taken a request or sent an answer on this call
         self.loop = asyncio.get_running_loop()
         self.last_message = self.loop.time()
 
-    async def run(self) -> None:
-        """Relay until the cloud ends the call; raises Idle, Stalled or Stopping for the gate to end the stream."""
+    async def run(self, last: bool) -> bool:
+        """Relay until the cloud ends the call; raises Idle, Stalled or Stopping for the gate to end the stream.
+
+        Returns False, unless `last`, when the cloud ended the call before it took the device's first request or sent
+        anything. The status then seen is not the cloud's but the client library's own INTERNAL "Internal error from
+        Core" for the write it refused (grpc/grpc#36066), and the caller asks the cloud again: nothing has reached the
+        device or the cloud yet."""
         up, down = asyncio.ensure_future(self._up()), asyncio.ensure_future(self._down())
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -230,21 +251,25 @@ class _Relay:
             stopped = up.done() and up.result()  # raises Idle
             down.result()
         except grpc.RpcError as e:
+            if self.unsent is not None and not self.taken and not last:
+                return False
             _relay_error(self.context, e)
-            return
+            return True
         finally:
             up.cancel()
             down.cancel()
             self.call.cancel()
-            self.reader.close()
         self.context.set_trailing_metadata(tuple(await self.call.trailing_metadata()))
         if stopped:
             raise serving.Stopping()
+        return True
 
     async def _up(self) -> bool:
         """The device's requests to the cloud, until it has sent its last; True if the proxy stopped first."""
         stopped = False
         try:
+            if self.unsent is not None:
+                await self._write(self.unsent)
             while True:
                 remaining = self.last_message + self.idle_s - self.loop.time()
                 if remaining <= 0:
@@ -260,9 +285,19 @@ class _Relay:
                     return stopped
                 self.last_message = self.loop.time()
                 self.passed(request)
-                await self.call.write(request)
+                await self._write(request)
         except (grpc.RpcError, asyncio.InvalidStateError):
             return stopped  # the cloud has ended the call; _down relays how
+
+    async def _write(self, request: bytes) -> None:
+        """Pass one request on; keeps it as unsent if the cloud ended the call before taking any."""
+        try:
+            await self.call.write(request)
+        except grpc.RpcError:
+            if not self.taken:
+                self.unsent = request
+            raise
+        self.taken = True
 
     async def _down(self) -> None:
         # The cloud's headers go down with its first answer, or with its status: a call the cloud refuses at once
@@ -270,6 +305,7 @@ class _Relay:
         # the refusal raced the status and came back now and then as INTERNAL.
         headers_sent = False
         while (response := await self.call.read()) is not grpc.aio.EOF:
+            self.taken = True
             if not headers_sent:
                 await self.context.send_initial_metadata(await self.call.initial_metadata())
                 headers_sent = True
@@ -304,6 +340,23 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
     return [(key, value) for key, value in context.invocation_metadata() if not key.startswith(_HOP_BY_HOP)]
+
+
+async def _refused_again(channel: grpc.aio.Channel, method: str, request: bytes, context) -> bool:
+    """Ask the cloud once more with `request` sent along with the call, which reports the cloud's own status even when
+    the cloud refuses the call at once; if it does, relay that status and return True.
+
+    False if the cloud takes the call this time (a refusal that has passed, such as a full cloud): the call is then
+    cancelled and the caller opens a stream again, as the device's call may carry more requests."""
+    call = channel.unary_stream(method)(request, timeout=_timeout(context), metadata=_metadata(context))
+    try:
+        await call.read()
+    except grpc.RpcError as e:
+        _relay_error(context, e)
+        return True
+    finally:
+        call.cancel()
+    return False
 
 
 def _relay_error(context: grpc.aio.ServicerContext, error: grpc.RpcError) -> None:

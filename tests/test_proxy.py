@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import subprocess
@@ -117,6 +118,21 @@ def test_errors_pass_through_the_proxy_unchanged(shipped_cloud, tmp_path):
     assert tap.stats == {"forwarded": 2 + 1 + 1 + 1 + 3, "captured": 2 + 3, "dropped": 0, "errors": 0}
     # The attacker keeps even the requests that the cloud turned down.
     assert [r.model_name for r in capture.read(tmp_path).records] == [r.model_name for r in requests[:2] + requests]
+
+
+def test_a_call_the_cloud_refuses_at_once_comes_back_with_the_cloud_s_status_every_time(shipped_cloud, tmp_path):
+    # The cloud refuses an unknown method before it reads the request, so the proxy's write races the refusal; the
+    # client library then reports its own INTERNAL (grpc/grpc#36066), which came through some 2 calls in 100.
+    sink = capture.CaptureSink(capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud="cloud"))
+    tap = proxy.Proxy(f"127.0.0.1:{shipped_cloud}", sink)
+    try:
+        with transport.channel(f"127.0.0.1:{tap.start()}") as channel:
+            unknown = channel.unary_unary(f"/{transport.SERVICE_NAME}/NoSuchMethod")
+            statuses = collections.Counter(_status(unknown, b"") for _ in range(300))
+    finally:
+        tap.stop()
+        sink.close()
+    assert statuses == {(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"): 300}
 
 
 class Echo(grpc.GenericRpcHandler):
