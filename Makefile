@@ -34,7 +34,7 @@ test-firefox: install /usr/bin/firefox-esr  ## the demo's page in a real Firefox
 	$(BIN)/pytest tests/test_demo.py -k firefox
 
 bench: install  ## the benchmarks in bench/, side by side against their baselines
-	$(BIN)/pytest bench --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
+	$(BIN)/pytest bench -o python_files="bench_*.py" --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
 
 lint: install  ## ruff check and ruff format --check, as CI runs them
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
