@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak.core import data, defences, link, manifest, metrics
+from splitleak.core import compute, data, defences, link, manifest, metrics
 from splitleak.core.options import number
+from splitleak.device import compute as device_compute
 from splitleak.device.control import Control
 from splitleak.device.head import Head
 from splitleak.device.stream import Cloud, DeviceError, Stream
@@ -130,6 +131,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the defence's strength: "
         + "; ".join(f"{name}: {cls.strengths.describe()}" for name, cls in defences.DEFENCES.items() if name != "none"),
     )
+    parser.add_argument(
+        "--device",
+        choices=[name for name in compute.PROFILES if name != "host"],
+        help="run the head as slowly as this class of device (docs/device-profiles.md); default: this host's speed",
+    )
+    parser.add_argument(
+        "--cpu-quota",
+        type=number(above=0),
+        metavar="FRACTION",
+        help="run as a device with this fraction of one of this host's cores (0.2: five times slower)",
+    )
+    parser.add_argument(
+        "--slow-by",
+        choices=device_compute.SLOW_BY,
+        default="auto",
+        help="with --device or --cpu-quota: a cgroup CPU quota (kernel), the time model (model), or the kernel where "
+        "it allows it and the model elsewhere (auto)",
+    )
     parser.add_argument("--threads", type=number(int, at_least=1), default=1, help="ONNX Runtime threads for the head")
     parser.add_argument("--seed", type=number(int, at_least=0), default=0)
     parser.add_argument(
@@ -145,9 +164,23 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"device: {e}", file=sys.stderr)
         return 2
+    if args.device and args.cpu_quota is not None:
+        print("device: give --device or --cpu-quota, not both", file=sys.stderr)
+        return 2
+    if args.cpu_quota is not None and args.cpu_quota > 1:
+        print(f"device: --cpu-quota is a fraction of one core, at most 1; got {args.cpu_quota:g}", file=sys.stderr)
+        return 2
     profile = link.profile(args.link, bandwidth_mbps=args.bandwidth, rtt_ms=args.rtt, jitter_ms=args.jitter)
     dataset = args.dataset or data.default_dataset()
     indices, images, labels = load_frames(dataset, head.manifest, args.limit, args.seed)
+    try:
+        slow = device_compute.setup(args.model_dir, args.device, args.cpu_quota, args.slow_by)
+    except compute.QuotaUnavailable as e:
+        print(f"device: --slow-by kernel: {e}", file=sys.stderr)
+        return 2
+    head.time_model = slow.time_model
+    if args.device or args.cpu_quota is not None:
+        print(f"device: {slow.describe()}", flush=True)
     emit = json_lines(args.records) if args.records else None
     control = None
     if args.control:
@@ -188,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
         code, why = 128 + signum, f"stopped by {signal.Signals(signum).name}"
     finally:
         restore()
+        slow.close()
     if why is not None:
         print(f"device: {why}", file=sys.stderr, flush=True)
     records = stream.records() if stream is not None else []
@@ -212,6 +246,7 @@ def main(args: argparse.Namespace) -> int:
             "rate": args.rate,
             "defence": {"name": defence.name, "strength": defence.strength},
             "reconnect_s": args.reconnect_s,
+            "compute": slow.to_json(),
         }
         frames = [record.to_json() for record in records]
         outcome = {"exit": code, "error": why}

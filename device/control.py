@@ -70,7 +70,7 @@ class Control:
         head = self.head
         if "split" in change:
             name = str(change["split"])
-            head = self._heads.get(name) or Head(self.head.manifest.root, name, self.threads)
+            head = self._heads.get(name) or Head(self.head.manifest.root, name, self.threads, self.head.time_model)
         profile = link.profile(change["link"]) if "link" in change else self.profile
         name = change.get("defence", self.defence.name)
         strength = change.get("strength", None if "defence" in change else self.defence.strength)
