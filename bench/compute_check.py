@@ -40,14 +40,16 @@ def main() -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     x = np.zeros((1, *m.input_shape), np.float32)
-    print("| profile | slowdown | quota / period µs | split | model ms | kernel ms (mean) | ratio | per-run median ms "
-          "| after idle ms | throttled periods |")
+    print(
+        "| profile | slowdown | quota / period µs | split | model ms | kernel ms (mean) | ratio | per-run median ms "
+        "| after idle ms | throttled periods |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in PROFILES:
         slowdown = compute.PROFILES[name].slowdown(calibration.host_gmacs)
         for split in m.splits:
             session = ort.InferenceSession(str(m.splits[split].head), options, providers=["CPUExecutionProvider"])
-            run = lambda: session.run(["activation"], {"image": x})  # noqa: E731
+            run = lambda session=session: session.run(["activation"], {"image": x})  # noqa: E731
             for _ in range(20):
                 run()
             with compute.CpuQuota(1 / slowdown) as quota:

@@ -4,7 +4,11 @@
   uplink, cloud, downlink, transport), as Neurosurgeon breaks it down (Kang et al., ASPLOS 2017, Figure 3);
 - `leakage`: for each attack, its mean SSIM and PSNR per split point, undefended;
 - `tradeoff`: accuracy against the strongest attack's SSIM, one colour per defence, with the Pareto front (no other
-  configuration is both more accurate and less leaky) marked.
+  configuration is both more accurate and less leaky) marked;
+- `best_split` (a sweep over several device profiles): the split `splitleak recommend` picks for each device and link,
+  as Neurosurgeon shows the best partition moving with the device and the network (Kang et al., Figures 9 and 10).
+
+The first three draw the first device's rows (a slower device changes the latency alone).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from splitleak.core.facts import RECOGNISABLE_SSIM  # noqa: E402
+from splitleak.study.recommend import recommend  # noqa: E402
 from splitleak.study.rows import LATENCY_STAGES, SweepRow  # noqa: E402
 
 STAGE_COLOURS = {
@@ -30,8 +35,12 @@ STAGE_COLOURS = {
 
 def write_all(table: list[SweepRow], out: Path) -> list[Path]:
     written = []
-    for name, draw in (("latency", latency), ("leakage", leakage), ("tradeoff", tradeoff)):
-        figure = draw(table)
+    host = [r for r in table if r.device == table[0].device]
+    drawings = [("latency", latency, host), ("leakage", leakage, host), ("tradeoff", tradeoff, host)]
+    if len({r.device for r in table}) > 1:
+        drawings.append(("best_split", best_split, table))
+    for name, draw, rows in drawings:
+        figure = draw(rows)
         for suffix in ("png", "svg"):
             path = out / f"{name}.{suffix}"
             figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -116,4 +125,37 @@ def tradeoff(table: list[SweepRow]) -> plt.Figure:
     ax.set(xlabel="SSIM of the strongest attack (lower is more private)", ylabel="accuracy (%)")
     ax.set_title("Accuracy against leakage, every split, defence and strength")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return figure
+
+
+def best_splits(
+    table: list[SweepRow], max_ssim: float = RECOGNISABLE_SSIM, max_drop: float = 1.0
+) -> dict[tuple[str, str], SweepRow | None]:
+    """(device, link) -> the row `splitleak recommend` picks with these bounds (None when none meets them)."""
+    devices = list(dict.fromkeys(r.device for r in table))
+    links = list(dict.fromkeys(r.link for r in table))
+    return {
+        (d, n): recommend(table, link_name=n, device=d, max_ssim=max_ssim, max_drop=max_drop).best
+        for d in devices
+        for n in links
+    }
+
+
+def best_split(table: list[SweepRow]) -> plt.Figure:
+    best = best_splits(table)
+    devices = list(dict.fromkeys(d for d, _ in best))
+    links = list(dict.fromkeys(n for _, n in best))
+    splits = _splits(table)
+    figure, ax = plt.subplots(figsize=(1.6 * len(links) + 2, 0.7 * len(devices) + 1.6), layout="constrained")
+    grid = [[splits.index(best[d, n].split) if best[d, n] else -1 for n in links] for d in devices]
+    ax.imshow(grid, cmap="viridis", vmin=-1, vmax=len(splits) - 1, aspect="auto")
+    for i, d in enumerate(devices):
+        for j, n in enumerate(links):
+            row = best[d, n]
+            text = "none" if row is None else f"{row.split}\n{row.defence} {row.strength:g}\n{row.total_ms():.0f} ms"
+            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(len(links)), links)
+    ax.set_yticks(range(len(devices)), devices)
+    ax.set(xlabel="link", ylabel="device (fastest first)")
+    ax.set_title(f"The recommended split (every attack's SSIM <= {RECOGNISABLE_SSIM:g}, drop <= 1 point)")
     return figure

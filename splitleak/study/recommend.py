@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitleak.core import link
+from splitleak.core import compute, link
 from splitleak.core.facts import RECOGNISABLE_SSIM
 from splitleak.study.rows import SweepRow, latency_column, read_json
 
@@ -47,12 +47,25 @@ def why_not(row: SweepRow, max_ssim: float, max_drop: float) -> str | None:
 
 
 def recommend(
-    table: list[SweepRow], *, link_name: str, max_ssim: float, max_drop: float, by: str = "median"
+    table: list[SweepRow],
+    *,
+    link_name: str,
+    max_ssim: float,
+    max_drop: float,
+    by: str = "median",
+    device: str = "host",
 ) -> Recommendation:
-    """The fastest row on `link_name` within both bounds, the rows to weigh it against, and why each other lost."""
-    rows = [r for r in table if r.link == link_name]
+    """The fastest row on `link_name` for `device` within both bounds, the rows to weigh it against, and why each
+    other lost."""
+    on_device = [r for r in table if r.device == device]
+    if not on_device:
+        devices = sorted({r.device for r in table})
+        raise ValueError(
+            f"the sweep has no rows for device {device!r}; it has {', '.join(devices)} (sweep with --device {device})"
+        )
+    rows = [r for r in on_device if r.link == link_name]
     if not rows:
-        links = sorted({r.link for r in table})
+        links = sorted({r.link for r in on_device})
         raise ValueError(f"the sweep has no rows for link {link_name!r}; it has {', '.join(links)}")
     rows.sort(key=lambda r: r.total_ms(by))
     undefended = [r for r in rows if r.defence == "none" and not r.training_time]
@@ -70,9 +83,10 @@ def recommend(
     return Recommendation(best, undefended[0] if undefended else None, accurate, verdicts, by)
 
 
-def report(result: Recommendation, *, link_name: str, max_ssim: float, max_drop: float) -> str:
+def report(result: Recommendation, *, link_name: str, max_ssim: float, max_drop: float, device: str = "host") -> str:
     by, latency = result.by, latency_column("total", result.by)
     bounds = f"every attack's SSIM <= {max_ssim:g}, accuracy drop <= {max_drop:g} points, on {link_name}"
+    bounds += f", device {device}" if device != "host" else ""
     best = result.best
     lines = []
     if best is None:
@@ -104,6 +118,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=Path("sweep"), help="a sweep's folder (or its sweep.json)")
     parser.add_argument("--link", default="4g", choices=list(link.PROFILES))
+    parser.add_argument(
+        "--device", default="host", choices=list(compute.PROFILES), help="device profile (the sweep's --device)"
+    )
     parser.add_argument("--max-ssim", type=float, default=RECOGNISABLE_SSIM, help="bound on every attack's mean SSIM")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0, help="bound on the accuracy lost, in points")
     parser.add_argument("--by", choices=("median", "p95"), default="median", help="which latency to minimise")
@@ -119,12 +136,18 @@ def main(args: argparse.Namespace) -> int:
     table = read_json(path)
     try:
         result = recommend(
-            table, link_name=args.link, max_ssim=args.max_ssim, max_drop=args.max_accuracy_drop, by=args.by
+            table,
+            link_name=args.link,
+            max_ssim=args.max_ssim,
+            max_drop=args.max_accuracy_drop,
+            by=args.by,
+            device=args.device,
         )
     except ValueError as e:
         print(f"recommend: {e}", file=sys.stderr)
         return 2
-    print(report(result, link_name=args.link, max_ssim=args.max_ssim, max_drop=args.max_accuracy_drop))
+    bounds = {"max_ssim": args.max_ssim, "max_drop": args.max_accuracy_drop}
+    print(report(result, link_name=args.link, device=args.device, **bounds))
     if args.json:
         chosen = {"best": result.best, "fastest": result.fastest, "accurate": result.accurate}
         verdicts = [{"config": name(r), "reason": reason} for r, reason in result.verdicts]

@@ -16,7 +16,7 @@ from pathlib import Path
 # The stages a frame's latency is made of, in the order they happen; their sum is the row's total.
 LATENCY_STAGES = ("device", "uplink", "cloud", "downlink", "transport")
 # Columns that hold words, and the one that holds a yes or no; every other column holds a number.
-WORDS = ("model", "split", "defence", "link")
+WORDS = ("model", "split", "defence", "link", "device")
 YES_NO = "training_time"
 
 
@@ -54,6 +54,7 @@ class SweepRow:
     attacks: dict[str, AttackScores]  # by attack's name, in the order they ran
     link: str
     latency_ms: dict[str, Latency]  # by stage: LATENCY_STAGES, then "total" (their sum, frame by frame)
+    device: str = "host"  # the device profile (splitleak.core.compute); its column is written only when not "host"
 
     @property
     def max_ssim(self) -> float:
@@ -66,10 +67,13 @@ class SweepRow:
 
     def to_flat(self) -> dict:
         """The row as the table's columns, in the order the sweep has always written them."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("attacks", "link", "latency_ms")}
+        skip = ("attacks", "link", "latency_ms", "device")
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         for attack, scores in self.attacks.items():
             flat |= {f"{attack}_{score}": value for score, value in asdict(scores).items()}
         flat |= {"max_ssim": self.max_ssim, "link": self.link}
+        if self.device != "host":  # so that a table of the host alone is written as before profiles existed
+            flat["device"] = self.device
         for stage, latency in self.latency_ms.items():
             flat |= {latency_column(stage, statistic): value for statistic, value in asdict(latency).items()}
         return flat
@@ -80,7 +84,8 @@ class SweepRow:
         attacks = [c.removesuffix("_ssim") for c in flat if c.endswith("_ssim") and c != "max_ssim"]
         stages = [c.removesuffix("_ms_median") for c in flat if c.endswith("_ms_median")]
         return cls(
-            **{f.name: flat[f.name] for f in fields(cls) if f.name not in ("attacks", "latency_ms")},
+            **{f.name: flat[f.name] for f in fields(cls) if f.name not in ("attacks", "latency_ms", "device")},
+            device=flat.get("device") or "host",  # a CSV leaves the cell empty on a host row
             attacks={
                 attack: AttackScores(**{f.name: flat[f"{attack}_{f.name}"] for f in fields(AttackScores)})
                 for attack in attacks

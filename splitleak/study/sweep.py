@@ -29,7 +29,9 @@ import argparse
 import ast
 import functools
 import hashlib
+import itertools
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak.core import data, link, manifest, process
+from splitleak.core import compute, data, link, manifest, process
 from splitleak.core.records import FrameRecord
 from splitleak.study.rows import LATENCY_STAGES, AttackScores, Latency, SweepRow, write_csv, write_json
 
@@ -219,6 +221,7 @@ def measurement(records: list[FrameRecord]) -> dict:
         "bytes_up": [r.bytes_up for r in records],
         "bytes_down": [r.bytes_down for r in records],
         "device_ms": device,
+        "head_ms": [r.head_ms for r in records],
         "cloud_ms": [r.cloud_ms for r in records],
         # What loopback adds beyond compute: serialisation, gRPC and the kernel's loopback, both ways.
         "transport_ms": [r.total_ms - d - r.cloud_ms for r, d in zip(records, device, strict=True)],
@@ -280,7 +283,8 @@ def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
         for attack in attacks
     }
     missing = [a for a, p in attack_paths.items() if not p.exists()]
-    if missing or not measured_path.exists():
+    stale = measured_path.exists() and "head_ms" not in json.loads(measured_path.read_text())  # before profiles
+    if missing or stale or not measured_path.exists():
         with tempfile.TemporaryDirectory(prefix="splitleak-sweep-") as tmp:
             records, capture_dir = run_device(config, settings, Path(tmp))
             measured_path.write_text(json.dumps(measurement(records)))
@@ -307,8 +311,13 @@ def latency(values: np.ndarray) -> Latency:
     return Latency(median=float(np.median(values)), p95=float(np.percentile(values, 95)))
 
 
-def rows(config: Config, result: dict, links: list[str], reference: dict, seed: int = 0) -> list[SweepRow]:
-    """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from."""
+def rows(
+    config: Config, result: dict, links: list[str], reference: dict, seed: int = 0, devices: tuple[str, ...] = ("host",)
+) -> list[SweepRow]:
+    """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from.
+
+    A slower device (splitleak.core.compute) changes the latency alone: its head takes the measured head time times
+    the profile's slowdown against this host (the time model), the rest of the device's stages as measured."""
     measured = result["measured"]
     m = load_manifest(config.model_dir)
     variant = m.training_defence
@@ -331,10 +340,12 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
         },
     )
     out = []
-    for name in links:
+    host_gmacs = compute.calibrate(config.model_dir).host_gmacs if set(devices) != {"host"} else math.inf
+    for device, name in itertools.product(devices, links):
         profile = link.profile(name)
+        slowdown = compute.PROFILES[device].slowdown(host_gmacs)
         stages = {
-            "device": np.array(measured["device_ms"]),
+            "device": np.array(measured["device_ms"]) + (slowdown - 1) * np.array(measured["head_ms"]),
             "cloud": np.array(measured["cloud_ms"]),
             "transport": np.array(measured["transport_ms"]),
             "uplink": link_delays_ms(profile, measured["bytes_up"], seed),
@@ -342,7 +353,7 @@ def rows(config: Config, result: dict, links: list[str], reference: dict, seed: 
         }
         total = sum(stages.values())  # summed in this order, as the sweep always has: another changes the last bits
         latency_ms = {stage: latency(stages[stage]) for stage in LATENCY_STAGES} | {"total": latency(total)}
-        out.append(SweepRow(**configuration, link=name, latency_ms=latency_ms))
+        out.append(SweepRow(**configuration, link=name, latency_ms=latency_ms, device=device))
     return out
 
 
@@ -350,16 +361,23 @@ def markdown(table: list[SweepRow]) -> str:
     """The table for people: one line per configuration, the links side by side (median total latency)."""
     links = list(dict.fromkeys(r.link for r in table))
     attacks = list(table[0].attacks)
-    head = ["split", "defence", "strength", "accuracy", "drop (points)", "bytes up"]
+    devices = len({r.device for r in table}) > 1
+    head = ["device"] * devices + ["split", "defence", "strength", "accuracy", "drop (points)", "bytes up"]
     head += [f"{a} SSIM" for a in attacks] + [f"{a} label leakage" for a in attacks] + [f"{n} ms" for n in links]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     by_config: dict[tuple, dict[str, SweepRow]] = {}
     for r in table:
-        by_config.setdefault((r.model, r.split, r.defence, r.strength), {})[r.link] = r
-    for (_, split, defence, strength), per_link in by_config.items():
+        by_config.setdefault((r.device, r.model, r.split, r.defence, r.strength), {})[r.link] = r
+    for (device, _, split, defence, strength), per_link in by_config.items():
         r = per_link[links[0]]
         trained = " (trained)" if r.training_time else ""
-        cells = [split, defence + trained, f"{strength:g}", f"{100 * r.accuracy:.1f}%", f"{r.accuracy_drop:.1f}"]
+        cells = [device] * devices + [
+            split,
+            defence + trained,
+            f"{strength:g}",
+            f"{100 * r.accuracy:.1f}%",
+            f"{r.accuracy_drop:.1f}",
+        ]
         cells += [f"{r.bytes_up:,.0f}"] + [f"{r.attacks[a].ssim:.3f}" for a in attacks]
         cells += [f"{100 * r.attacks[a].label_leakage:.0f}%" for a in attacks]
         cells += [f"{per_link[n].total_ms():.1f}" for n in links]
@@ -383,6 +401,7 @@ def sweep(
     links: list[str],
     attacks: list[str],
     settings: Settings,
+    devices: tuple[str, ...] = ("host",),
     progress: bool = True,
 ) -> list[SweepRow]:
     from tqdm import tqdm
@@ -394,7 +413,11 @@ def sweep(
             bar.set_postfix_str(config.label)
             results[config] = evaluate(config, settings, attacks)
     reference = results[Config(model_dir, todo[0].split)]["measured"]
-    return [row for config, result in results.items() for row in rows(config, result, links, reference, settings.seed)]
+    return [
+        row
+        for config, result in results.items()
+        for row in rows(config, result, links, reference, settings.seed, devices)
+    ]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -422,6 +445,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         choices=list(link.PROFILES),
         help=f"link profiles (repeat; default: {' '.join(DEFAULT_LINKS)})",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        choices=list(compute.PROFILES),
+        help="device profiles (repeat; default: host): a slower device changes the latency alone, leakage is reused",
     )
     parser.add_argument(
         "--attack", action="append", choices=list(ATTACKS), help=f"attacks (default: {' '.join(DEFAULT_ATTACKS)})"
@@ -473,6 +502,7 @@ def main(args: argparse.Namespace) -> int:
             links=args.link or list(DEFAULT_LINKS),
             attacks=args.attack or list(DEFAULT_ATTACKS),
             settings=settings,
+            devices=tuple(args.device or ["host"]),
         )
     except (KeyError, ValueError, RuntimeError) as e:  # a split, an attack or a run that cannot be done, and why
         print(f"sweep: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
