@@ -56,12 +56,18 @@ class DeviceProfile:
 
 PROFILES: dict[str, DeviceProfile] = {
     "host": DeviceProfile("host", 0.0, "this machine, one ONNX Runtime thread, not slowed"),
-    "rpi4": DeviceProfile("rpi4", 87.0, "Raspberry Pi 4 CPU, TensorFlow Lite (TildAlice, dev.to, 2026)"),
+    "rpi4": DeviceProfile(
+        "rpi4",
+        87.0,
+        "Raspberry Pi 4 CPU, TensorFlow Lite (TildAlice on dev.to: MobileNet vs EfficientNet-Lite on a Pi 4)",
+    ),
     "phone": DeviceProfile(
         "phone", 123.3, "Pixel 2, one big core, TensorFlow Lite (tensorflow.org/lite/performance/benchmarks)"
     ),
     "armv7": DeviceProfile(
-        "armv7", 401.0, "Xiaomi Mi 5, 32-bit ARMv7 build, TensorFlow Lite (PaddleMobile benchmark wiki, 2017)"
+        "armv7",
+        401.0,
+        "Xiaomi Mi 5, 32-bit ARMv7 build, TensorFlow Lite (github.com/hjchen2/PaddleMobile/wiki/benchmark, 2017)",
     ),
 }
 

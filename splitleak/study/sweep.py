@@ -31,7 +31,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -316,8 +315,9 @@ def rows(
 ) -> list[SweepRow]:
     """`reference`: the measurement of the undefended base model, whose accuracy the drop is counted from.
 
-    A slower device (splitleak.core.compute) changes the latency alone: its head takes the measured head time times
-    the profile's slowdown against this host (the time model), the rest of the device's stages as measured."""
+    A slower device (splitleak.core.compute) changes the latency alone: its head takes what the time model predicts
+    (the head's calibrated CPU time on this host times the profile's slowdown), in place of each frame's measured head
+    time, so that the same split costs the same on every configuration; the device's other stages are as measured."""
     measured = result["measured"]
     m = load_manifest(config.model_dir)
     variant = m.training_defence
@@ -340,12 +340,15 @@ def rows(
         },
     )
     out = []
-    host_gmacs = compute.calibrate(config.model_dir).host_gmacs if set(devices) != {"host"} else math.inf
+    calibration = compute.calibrate(config.model_dir) if set(devices) != {"host"} else None
     for device, name in itertools.product(devices, links):
         profile = link.profile(name)
-        slowdown = compute.PROFILES[device].slowdown(host_gmacs)
+        device_ms = np.array(measured["device_ms"])
+        if device != "host":
+            slowdown = compute.PROFILES[device].slowdown(calibration.host_gmacs)
+            device_ms += calibration.predict_ms(config.split, slowdown) - np.array(measured["head_ms"])
         stages = {
-            "device": np.array(measured["device_ms"]) + (slowdown - 1) * np.array(measured["head_ms"]),
+            "device": device_ms,
             "cloud": np.array(measured["cloud_ms"]),
             "transport": np.array(measured["transport_ms"]),
             "uplink": link_delays_ms(profile, measured["bytes_up"], seed),
