@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from splitleak.attacker import live
-from splitleak.core import data, defences, link
+from splitleak.core import compute, data, defences, link
 from splitleak.core.facts import RECOGNISABLE_SSIM
 from splitleak.core.manifest import Manifest
 from splitleak.core.records import STAGES, FrameRecord
@@ -52,6 +52,7 @@ def config(
             for name, split in m.splits.items()
         },
         "links": {name: profile.describe() for name, profile in link.PROFILES.items()},
+        "devices": {name: profile.describe() for name, profile in compute.PROFILES.items()},
         # Each defence's slider is what its class declares (splitleak.core.defences.Strengths); None: no slider.
         "defences": {
             name: {

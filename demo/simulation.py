@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from splitleak.attacker import feed, live, proxy
-from splitleak.core import data, defences, link, manifest, process
+from splitleak.core import compute, data, defences, link, manifest, process
 from splitleak.core.facts import IDENTITY_DATASETS
 from splitleak.core.records import FrameRecord
 from splitleak.demo import page
@@ -167,11 +167,11 @@ class Simulation:
 
     def control(self, change: dict) -> None:
         """Apply a change from the page: attacks here, the rest on the device. ValueError if it cannot be."""
-        allowed = {"split", "link", "defence", "strength", "attacks"}
+        allowed = {"split", "link", "defence", "strength", "attacks", "device"}
         if not isinstance(change, dict) or not change or set(change) - allowed:
             raise ValueError(f"a change is a JSON object with any of {', '.join(sorted(allowed))}")
         # JSON gives any type anywhere: check each value's type before it is looked up or sent on to the device.
-        for key in ("split", "link", "defence"):
+        for key in ("split", "link", "defence", "device"):
             if key in change and not isinstance(change[key], str):
                 raise ValueError(f"{key} must be a name (a string), not {change[key]!r}")
         strength = change.get("strength", 0.0)
@@ -184,6 +184,8 @@ class Simulation:
             raise ValueError(f"no split point {change['split']!r}; split points: {', '.join(self.manifest.splits)}")
         if "link" in change and change["link"] not in link.PROFILES:
             raise ValueError(f"no link profile {change['link']!r}; profiles: {', '.join(link.PROFILES)}")
+        if "device" in change and change["device"] not in compute.PROFILES:
+            raise ValueError(f"no device profile {change['device']!r}; profiles: {', '.join(compute.PROFILES)}")
         if "defence" in change and change["defence"] not in defences.DEFENCES:
             raise ValueError(f"no defence {change['defence']!r}; defences: {', '.join(defences.DEFENCES)}")
         if "defence" in change and "strength" in change:  # a strength alone is for the device's defence to check
@@ -228,7 +230,12 @@ class Simulation:
     def config(self) -> dict:
         """What does not change while the demo runs: the choices the page offers, and what each means."""
         s = self.settings
-        start = {"split": s.split or self.manifest.default_split, "link": s.link, "defence": s.defence}
+        start = {
+            "split": s.split or self.manifest.default_split,
+            "link": s.link,
+            "defence": s.defence,
+            "device": "host",
+        }
         start |= {"strength": s.strength, "max_rate": s.max_rate}
         return page.config(
             self.manifest,

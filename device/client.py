@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
     emit = json_lines(args.records) if args.records else None
     control = None
     if args.control:
-        control = Control(head, defence, profile, threads=args.threads, report=emit)
+        control = Control(head, defence, profile, threads=args.threads, report=emit, kernel=slow.by == "kernel")
         control.listen(sys.stdin if args.control == "-" else open(args.control))
     stream: Stream | None = None
     code, why = 0, None

@@ -10,27 +10,36 @@ import queue
 import signal
 import threading
 
-from splitleak.core import defences, link
-from splitleak.device.head import Head
+from splitleak.core import compute, defences, link
+from splitleak.device.head import Head, TimeModel
 
 
 class Control:
     """Settings a running device takes from outside, between frames (`--control`).
 
-    One JSON object a line, with any of `split`, `link` (a profile name), `defence` and `strength`, e.g.
-    {"split": "layer2"} or {"defence": "gaussian", "strength": 0.5}. A line is applied whole before the next frame,
+    One JSON object a line, with any of `split`, `link` (a profile name), `defence`, `strength` and `device` (a
+    compute profile, splitleak.core.compute, applied by the time model), e.g. {"split": "layer2"} or
+    {"defence": "gaussian", "strength": 0.5}. A line is applied whole before the next frame,
     or not at all, and `report` hears which: {"control": the line, "error": null or why}. A strength alone keeps the
     defence; a defence alone takes its default strength. When the lines end (the controller has gone), the device
     stops as if interrupted.
     """
 
-    SETTINGS = ("split", "link", "defence", "strength")
+    SETTINGS = ("split", "link", "defence", "strength", "device")
 
     def __init__(
-        self, head: Head, defence: defences.Defence, profile: link.LinkProfile, *, threads: int = 1, report=None
+        self,
+        head: Head,
+        defence: defences.Defence,
+        profile: link.LinkProfile,
+        *,
+        threads: int = 1,
+        report=None,
+        kernel: bool = False,
     ) -> None:
         self.head, self.defence, self.profile = head, defence, profile
         self.threads = threads
+        self.kernel = kernel  # the process runs under a cgroup CPU quota: a device change would slow it twice
         self.report = report or (lambda event: None)
         self._heads = {head.split.name: head}  # a split's session is built once, when it is first asked for
         self._lines: queue.Queue[str] = queue.Queue()
@@ -75,5 +84,19 @@ class Control:
         name = change.get("defence", self.defence.name)
         strength = change.get("strength", None if "defence" in change else self.defence.strength)
         defence = defences.build(name, strength=strength, split=head.split)
+        time_model = self._time_model(change["device"]) if "device" in change else head.time_model
         self._heads[head.split.name] = head
+        for each in self._heads.values():
+            each.time_model = time_model
         self.head, self.profile, self.defence = head, profile, defence
+
+    def _time_model(self, device) -> TimeModel | None:
+        if self.kernel:
+            raise ValueError(
+                "this device runs under the kernel's CPU quota; start it with --slow-by model to change it"
+            )
+        if device not in compute.PROFILES:
+            raise KeyError(f"no device profile {device!r}; profiles: {', '.join(compute.PROFILES)}")
+        calibration = compute.calibrate(self.head.manifest.root)
+        slowdown = compute.PROFILES[device].slowdown(calibration.host_gmacs)
+        return TimeModel(calibration.head_ms, slowdown) if slowdown > 1 else None

@@ -135,3 +135,26 @@ def test_a_slower_device_moves_the_latency_optimal_split_earlier_but_privacy_hol
 
     assert (best("host", 1.0), best("armv7", 1.0)) == ("layer3", "stem")
     assert best("host", 0.3) == best("armv7", 0.3) == "layer3"  # only layer3 keeps the image hidden
+
+
+def test_a_running_device_takes_a_device_profile_between_frames(shipped_cloud, shipped_model_dir):
+    cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{shipped_cloud}"]
+    cmd += ["--dataset", "embedded", "--split", "layer2", "--limit", "5", "--loop", "--control", "-", "--records", "-"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    events = (json.loads(line) for line in proc.stdout if line.startswith("{"))
+
+    def change(settings: dict) -> dict:
+        proc.stdin.write(json.dumps(settings) + "\n")
+        proc.stdin.flush()
+        return next(event for event in events if "control" in event)
+
+    try:
+        assert change({"device": "nokia"})["error"].startswith("no device profile 'nokia'")
+        assert change({"device": "armv7"}) == {"control": {"device": "armv7"}, "error": None}
+        after = next(event for event in events if "frame" in event)
+        calibration = compute.calibrate(shipped_model_dir)
+        slowdown = compute.PROFILES["armv7"].slowdown(calibration.host_gmacs)
+        assert after["head_ms"] >= 0.95 * calibration.predict_ms("layer2", slowdown)
+    finally:
+        proc.stdin.close()
+        assert proc.wait(30) == 130

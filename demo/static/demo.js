@@ -390,13 +390,16 @@ function buildControls() {
   const splitText = (name, s) => `${name} (${s.shape.join("×")})${attacked(name) ? "" : " · no attack trained"}`;
   options($("split"), splits.map(([name, s]) => [name, splitText(name, s)]));
   options($("link"), Object.entries(config.links));
+  options($("device"), Object.entries(config.devices));
   options($("defence"), Object.keys(config.defences).map((name) => [name, name]));
   $("split").value = config.start.split;
   $("link").value = config.start.link;
+  $("device").value = config.start.device;
   $("defence").value = config.start.defence;
   strengthFor(config.start.defence, config.start.strength);
   $("split").onchange = () => send({ split: $("split").value });
   $("link").onchange = () => send({ link: $("link").value });
+  $("device").onchange = () => send({ device: $("device").value });
   $("defence").onchange = () => {
     const name = $("defence").value;
     $("defence").title = config.defences[name].means;

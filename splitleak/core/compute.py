@@ -49,6 +49,11 @@ class DeviceProfile:
         """The device's effective rate, GMAC/s (inf for the host)."""
         return math.inf if self.mobilenet_ms == 0 else MOBILENET_V1_MACS / self.mobilenet_ms / 1e6
 
+    def describe(self) -> str:
+        if math.isinf(self.gmacs):
+            return f"{self.name} ({self.source})"
+        return f"{self.name} ({self.gmacs:.1f} GMAC/s: MobileNet v1 in {self.mobilenet_ms:g} ms on a {self.source})"
+
     def slowdown(self, host_gmacs: float) -> float:
         """How many times slower than this host (1 when the device would be as fast or faster)."""
         return max(host_gmacs / self.gmacs, 1.0)
