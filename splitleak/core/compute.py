@@ -239,6 +239,8 @@ class CpuQuota:
         self.group = self.root / f"{GROUP_PREFIX}{os.getpid()}"
         self._home = self._current_group()
         try:
+            if self.version == "v2" and "cpu" not in (self.root / "cgroup.subtree_control").read_text().split():
+                (self.root / "cgroup.subtree_control").write_text("+cpu")  # so that a child group has cpu.max
             self.group.mkdir(exist_ok=True)
             if self.version == "v1":
                 (self.group / "cpu.cfs_period_us").write_text(str(self.period_us))
