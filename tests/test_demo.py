@@ -121,6 +121,11 @@ def test_the_demo_page_shows_scored_reconstructions_follows_the_split_and_says_w
             assert scores.startswith("decoder is not available at layer3: no decoder was trained"), scores
             assert "no attack trained" in page.inner_text("#split option[value=layer3]")
 
+            page.select_option("#device", "armv7")  # the slowest profile: its head takes tens of times this host's
+            rows = "[...document.querySelectorAll('#stage-table tr')]"  # a swatch, the stage, its last time, its median
+            slow = ".some(r => r.cells[1].textContent === 'head' && +r.cells[2].textContent > 2)"
+            page.wait_for_function(rows + slow)
+
             status = json.loads(urllib.request.urlopen(url + "status", timeout=10).read())
             os.kill(status["processes"]["cloud"]["pid"], signal.SIGKILL)
             page.wait_for_selector("#banner", state="visible", timeout=15_000)
