@@ -20,6 +20,7 @@ COMMANDS = {
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
     "sweep": ("splitleak.study.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
     "recommend": ("splitleak.study.recommend", "the fastest split and defence within privacy and accuracy bounds"),
+    "tls": ("splitleak.certs", "make a throwaway CA and certificates for mutual TLS between device and cloud"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }
 

@@ -271,6 +271,12 @@ def read(path: str | Path) -> Capture:
             f"{path} is not a version {VERSION} {FORMAT} (meta.json says {meta.get('format')!r} "
             f"version {meta.get('version')!r})"
         )
+    if meta.get("encrypted"):
+        raise ValueError(
+            f"{path} holds only TLS ciphertext ({meta.get('bytes_up')} bytes from devices): the proxy had no key the "
+            f"device trusts, so there is nothing to invert; the cloud itself (splitleak cloud --record) still sees "
+            f"every activation"
+        )
     buffer = (path / "requests.bin").read_bytes()
     raw, end = _split(buffer)
     records, skipped = [], 0
