@@ -40,7 +40,8 @@ def auxiliary_set(
     ds = data.load(dataset, "train")
     indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
     images = data.resize(ds.images[indices], m.input_shape[1], m.input_shape[0])
-    return images, ds.labels[indices] if tuple(ds.classes) == m.classes else None
+    labels, unmapped = ds.labels_as(m.classes)
+    return images, None if unmapped else labels[indices]
 
 
 def knowledge(
@@ -114,7 +115,8 @@ def replay(
     inverted = time.perf_counter()
 
     test = data.load(dataset, "test")
-    labels = test.labels[frame_ids] if tuple(test.classes) == m.classes else None
+    mapped, unmapped = test.labels_as(m.classes)
+    labels = None if unmapped else mapped[frame_ids]
     faces = dataset in IDENTITY_DATASETS
     scores = scoring.score(
         originals,
@@ -214,20 +216,28 @@ def option(knob: str) -> str:
     return "--" + knob.replace("_", "-")
 
 
+def default_model_dir(name: str) -> Path:
+    """Where `splitleak export` puts model `name` (the cache), else the shipped one of that name."""
+    for folder in (data.cache_dir() / "models" / name, manifest.DEFAULT_MODEL_DIR.parent / name):
+        if (folder / "manifest.json").exists():
+            return folder
+    raise FileNotFoundError(
+        f"the capture's requests are for {name}, which is neither in {data.cache_dir() / 'models'} nor shipped: give "
+        f"--model-dir, the folder `splitleak export` wrote for it"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
-    try:
-        knobs = knobs_from_args(args, args.attack)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    knobs = knobs_from_args(args, args.attack)  # a ValueError is one line and exit 2 (splitleak.cli)
     if args.defence != "none" and not ATTACKS[args.attack].adaptive:
-        raise SystemExit(f"{args.attack} does not model a defence, so --defence means nothing to it")
+        raise ValueError(f"{args.attack} does not model a defence, so --defence means nothing to it")
     capture = capture_format.read(args.capture)
     models = [args.model] if args.model else capture.models()
     if not models:
-        raise SystemExit(f"{args.capture} holds no requests")
+        raise ValueError(f"{args.capture} holds no requests")
     out = args.out or args.capture.resolve().with_name(f"{args.capture.resolve().name}.{args.attack}")
     for served_name in models:
-        model_dir = args.model_dir or data.cache_dir() / "models" / served_name.rsplit(".", 1)[0]
+        model_dir = args.model_dir or default_model_dir(served_name.rsplit(".", 1)[0])
         result = replay(
             capture,
             served_name,
