@@ -162,7 +162,7 @@ def test_splitleak_attack_replays_a_capture_and_writes_the_grid_and_summary(tiny
     summary = json.loads((report / "summary.json").read_text())
     assert summary["summary"]["frames"] == 8 and summary["summary"]["psnr_mean"] > 25
     assert summary["per_image"]["frame_id"] == indices[:8].tolist()
-    assert summary["summary"]["knobs"] == {"steps": 60}
+    assert summary["summary"]["knobs"] == {"steps": 60, "lr": 0.01, "tv_weight": 0.0, "batch_size": 64}
     assert (report / "reconstructions.png").stat().st_size > 1000
     assert "PSNR" in capsys.readouterr().out
 
