@@ -165,13 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the served model NAME.SPLIT to attack; default: every one in the capture")
     parser.add_argument("--model-dir", type=Path, help="the exported model; default: CACHE/models/NAME")
     parser.add_argument("--aux-dataset", help="auxiliary images' data set (train split); default: the capture's")
-    parser.add_argument(
-        "--aux-limit",
-        type=number(int, at_least=0),
-        default=DEFAULT_AUX_LIMIT,
-        help=f"auxiliary images to use, drawn at random from the train split (default {DEFAULT_AUX_LIMIT:,}: minutes, "
-        "not an hour, on a laptop's CPU; 0: the whole split)",
-    )
+    add_aux_limit_argument(parser)
     parser.add_argument("--limit", type=int, help="invert the first N captured frames only")
     parser.add_argument("--out", type=Path, help="default: CAPTURE.ATTACK next to the capture")
     add_knob_arguments(parser, ATTACKS)
@@ -200,6 +194,16 @@ def add_knob_arguments(parser: argparse.ArgumentParser, attacks: Iterable[str]) 
             **({"action": argparse.BooleanOptionalAction} if flag else {}),
             help=", ".join(f"{attack}: {default}" for attack, default in defaults.items()),
         )
+
+
+def add_aux_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--aux-limit",
+        type=number(int, at_least=0),
+        default=DEFAULT_AUX_LIMIT,
+        help=f"auxiliary images, drawn at random from the train split (default {DEFAULT_AUX_LIMIT:,}: minutes, not "
+        "an hour, on a laptop's CPU; 0: the whole split)",
+    )
 
 
 def knobs_from_args(args: argparse.Namespace, attack: str) -> dict:

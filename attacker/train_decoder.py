@@ -28,9 +28,8 @@ from torch import nn
 from splitleak.attacker import live, scoring
 from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.attacker.attacks.base import query, session
-from splitleak.attacker.replay import DEFAULT_AUX_LIMIT, add_knob_arguments, knobs_from_args, knowledge, option
+from splitleak.attacker.replay import add_aux_limit_argument, add_knob_arguments, knobs_from_args, knowledge, option
 from splitleak.core import data, manifest
-from splitleak.core.options import number
 from splitleak.model.export import export_onnx
 
 DEFAULT_ATTACK = "decoder"
@@ -112,13 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", default=DEFAULT_ATTACK, choices=exportable(), help="an exportable attack")
     parser.add_argument("--split", action="append", help="a split point (again for more); default: every one")
     parser.add_argument("--aux-dataset", help="auxiliary images: this data set's train split; default: the model's")
-    parser.add_argument(
-        "--aux-limit",
-        type=number(int, at_least=0),
-        default=DEFAULT_AUX_LIMIT,
-        help=f"auxiliary images to train on, drawn at random from the train split (default {DEFAULT_AUX_LIMIT:,}; "
-        "0: the whole split)",
-    )
+    add_aux_limit_argument(parser)
     parser.add_argument("--held-out", type=int, default=500, help="test-split frames to score the exported file on")
     parser.add_argument("--out", type=Path, help="folder for SPLIT.ATTACK.onnx; default: MODEL_DIR/attacks")
     add_knob_arguments(parser, exportable())
