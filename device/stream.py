@@ -27,6 +27,8 @@ import numpy as np
 
 from splitleak.core import defences, link, transport
 from splitleak.core.records import FrameRecord
+from splitleak.core.tls import Tls
+from splitleak.core.tls import why_unreachable as tls_why_unreachable
 from splitleak.device.control import Control
 from splitleak.device.frames import MAX_UNANSWERED, Ledger, Pacer, Producer, complete
 from splitleak.device.head import Head
@@ -58,10 +60,16 @@ class _Break(Exception):
 
 
 def check_cloud(
-    stub: pb_grpc.GRPCInferenceServiceStub, head: Head, target: str, timeout_s: float, wait_for_ready: bool = True
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    head: Head,
+    target: str,
+    timeout_s: float,
+    wait_for_ready: bool = True,
+    tls: Tls | None = None,
 ) -> None:
-    """Fail with a clear message if the cloud is down or serves a different tail. `wait_for_ready`: wait up to
-    `timeout_s` for the cloud to come up; otherwise a refused connection fails at once."""
+    """Fail with a clear message if the cloud is down, speaks TLS where the device does not (or the other way round),
+    or serves a different tail. `wait_for_ready`: wait up to `timeout_s` for the cloud to come up; otherwise a
+    refused connection fails at once."""
     try:
         meta = stub.ModelMetadata(
             pb.ModelMetadataRequest(name=head.served_name), timeout=timeout_s, wait_for_ready=wait_for_ready
@@ -69,7 +77,8 @@ def check_cloud(
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
             raise DeviceError(f"the cloud at {target} does not serve {head.served_name}: {e.details()}") from e
-        raise DeviceError(f"cannot reach the cloud at {target}: {e.code().name} {e.details()}") from e
+        why = tls_why_unreachable(target, tls)
+        raise DeviceError(f"cannot reach the cloud at {target}: {why or e.code().name + ' ' + e.details()}") from e
     expected = [-1, *head.split.activation_shape]
     got = meta.inputs[0] if meta.inputs else None
     if got is None or list(got.shape) != expected or got.datatype != head.split.activation_datatype:
@@ -82,18 +91,19 @@ class Cloud:
     """The channel to the cloud (or a proxy in front of it), opened anew after a break: a fresh channel tries at
     once, where an old one may be waiting out gRPC's own reconnect backoff (up to two minutes)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls: Tls | None = None) -> None:
         self.target = target
+        self.tls = tls
         self._channel: grpc.Channel | None = None
         self.stub: pb_grpc.GRPCInferenceServiceStub | None = None
 
     def connect(self, head: Head, timeout_s: float, wait_for_ready: bool = True) -> None:
         """Open a channel and check the cloud serves `head`'s tail (DeviceError if not)."""
         self.close()
-        self._channel = transport.channel(self.target)
+        self._channel = transport.channel(self.target, self.tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         try:
-            check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready)
+            check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready, self.tls)
         except DeviceError:
             self.close()
             raise
