@@ -5,11 +5,11 @@ as splitleak's cloud names it (`NAME.S`): `config.pbtxt` for Triton's Python bac
 with ONNX Runtime, `1/model.onnx` (the tail), and `config.onnxruntime.pbtxt` beside it, the config a GPU or
 production user swaps in for Triton's own ONNX Runtime backend (not on PyPI, so not run here).
 
-`splitleak triton serve` writes that repository (to a temporary folder unless `--repo` is given), creates Triton's own
-venv if it is not there (the `nvidia-pytriton` wheel from PyPI, which bundles `tritonserver` and its Python backend,
-with numpy < 2 and onnxruntime), and runs `tritonserver` on loopback gRPC only, in a process group of its own; it
-prints `triton listening on HOST:PORT serving ...` once every model is ready, and on SIGTERM or Ctrl-C stops the
-whole group (the server and its backend stubs).
+`splitleak triton venv` creates Triton's own venv (`make test` does, as `.venv-triton`): the `nvidia-pytriton` wheel
+from PyPI, which bundles `tritonserver` and its Python backend, with numpy < 2 and onnxruntime. `splitleak triton
+serve [DIR]` creates it if it is not there, writes the repository (into DIR, else a temporary folder) and runs
+`tritonserver` on loopback gRPC only, in a process group of its own; it prints `triton listening on HOST:PORT serving
+...` once every model is ready, and on SIGTERM or Ctrl-C stops the whole group (the server and its backend stubs).
 
 Why the venv is Triton's own and the model file edits `sys.path`: with numpy 2 the Python backend silently returns
 empty outputs (numpy 1.26 is fine), and the backend stub embeds the system's libpython and ignores PYTHONPATH, so
@@ -129,8 +129,10 @@ def write_repo(out: Path, models: list[Path], venv: Path = VENV) -> list[str]:
 
 
 def ensure_venv(venv: Path = VENV, say=lambda line: None) -> None:
-    """Create Triton's venv with REQUIREMENTS unless it is there (`.installed` marks a complete one)."""
-    if (venv / ".installed").exists():
+    """Create Triton's venv with REQUIREMENTS unless it has them (its `.installed` lists what it was made with)."""
+    marker = venv / ".installed"
+    wanted = "\n".join(REQUIREMENTS) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
         return
     say(f"creating Triton's venv in {venv} ({', '.join(REQUIREMENTS)}): a minute or two")
     for cmd in (
@@ -139,9 +141,9 @@ def ensure_venv(venv: Path = VENV, say=lambda line: None) -> None:
     ):
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-1:])
-            raise TritonError(f"could not create Triton's venv in {venv}: {' '.join(cmd[:3])}...: {tail}")
-    (venv / ".installed").touch()
+            last = " ".join((done.stderr or done.stdout).strip().splitlines()[-1:])
+            raise TritonError(f"could not create Triton's venv in {venv}: {' '.join(cmd[:3])}...: {last}")
+    marker.write_text(wanted)
 
 
 def server_files(venv: Path = VENV) -> tuple[Path, Path]:
@@ -237,7 +239,11 @@ class Triton:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["repo", "serve"], help="repo: write the model repository; serve: and run it")
+    parser.add_argument(
+        "action",
+        choices=["venv", "repo", "serve"],
+        help="venv: create Triton's venv; repo: write the model repository; serve: both, and run tritonserver",
+    )
     parser.add_argument("repo", type=Path, nargs="?", help="the model repository (serve: default a temporary folder)")
     add_models_argument(parser)
     parser.add_argument("--venv", type=Path, default=VENV, help="Triton's own venv (created by serve if missing)")
@@ -247,6 +253,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    say = lambda line: print(f"triton: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.action == "venv":
+        try:
+            ensure_venv(args.venv, say)
+        except TritonError as e:
+            say(str(e))
+            return 1
+        print(f"triton: venv ready in {args.venv}")
+        return 0
     if args.action == "repo":
         if args.repo is None:
             raise ValueError("triton repo: give the folder to write the repository into")
@@ -254,24 +269,26 @@ def main(args: argparse.Namespace) -> int:
         print(f"triton repository in {args.repo}: {', '.join(names)}")
         return 0
     try:
-        ensure_venv(args.venv, say=lambda line: print(f"triton: {line}", file=sys.stderr, flush=True))
+        ensure_venv(args.venv, say)
         with tempfile.TemporaryDirectory(prefix="splitleak-triton-") as tmp:
             repo = args.repo or Path(tmp)
             names = write_repo(repo, args.models, args.venv)
             with Triton(repo, venv=args.venv, host=args.host, port=args.port, log=sys.stderr) as triton:
                 port = triton.start(names)
                 print(f"triton listening on {args.host}:{port} serving {', '.join(names)}", flush=True)
-                _wait_for_signal(triton.proc)
+                if not _wait_for_signal(triton.proc):
+                    raise TritonError(f"tritonserver exited on its own (status {triton.proc.returncode})")
     except TritonError as e:
-        print(f"triton: {e}", file=sys.stderr)
+        say(str(e))
         return 1
     return 0
 
 
-def _wait_for_signal(proc: subprocess.Popen) -> None:
-    """Until SIGTERM or SIGINT arrives, or the server dies on its own."""
+def _wait_for_signal(proc: subprocess.Popen) -> bool:
+    """Until SIGTERM or SIGINT arrives (True), or the server dies on its own (False)."""
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     while not stopping and proc.poll() is None:
         time.sleep(0.2)
+    return bool(stopping)
