@@ -40,6 +40,7 @@ import grpc
 from splitleak.cloud.tail import add_models_argument
 from splitleak.core import manifest, transport
 from splitleak.core.options import number
+from splitleak.core.process import dies_with_parent
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
@@ -175,8 +176,10 @@ class Triton:
         self.repo, self.venv, self.host, self.port, self.log = repo, venv, host, port, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, models: list[str], timeout_s: float = START_S) -> int:
-        """Start the server and wait until every model in `models` is ready; the gRPC port. TritonError if not."""
+    def start(self, models: list[str], timeout_s: float = START_S, stopping: list | None = None) -> int:
+        """Start the server and wait until every model in `models` is ready; the gRPC port. TritonError if not.
+        `stopping`: waiting ends early once it holds something (a signal came)."""
+        stopping = [] if stopping is None else stopping
         binary, backends = server_files(self.venv)
         for _ in range(3):  # a port picked for it may be taken before it binds
             port = self.port or free_port(self.host)
@@ -191,10 +194,16 @@ class Triton:
                 f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
                 "--disable-auto-complete-config",
             ]
+            # A group of its own, so that stopping it stops its backend stubs too; and it dies with this process,
+            # however this process dies (its stubs follow their server).
             self.proc = subprocess.Popen(
-                cmd, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                stdout=self.log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=dies_with_parent(signal.SIGKILL),
             )
-            if self._wait_ready(port, models, timeout_s):
+            if self._wait_ready(port, models, timeout_s, stopping) or stopping:
                 self.port = port
                 return port
             code = self.stop()
@@ -202,11 +211,11 @@ class Triton:
                 break
         raise TritonError(f"tritonserver did not serve {', '.join(models)} within {timeout_s:g} s (exit {code})")
 
-    def _wait_ready(self, port: int, models: list[str], timeout_s: float) -> bool:
+    def _wait_ready(self, port: int, models: list[str], timeout_s: float, stopping: list) -> bool:
         deadline = time.monotonic() + timeout_s
         with transport.channel(f"{self.host}:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline and self.proc.poll() is None:
+            while time.monotonic() < deadline and self.proc.poll() is None and not stopping:
                 try:
                     if all(stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=2).ready for name in models):
                         return True
@@ -268,27 +277,24 @@ def main(args: argparse.Namespace) -> int:
         names = write_repo(args.repo, args.models, args.venv)
         print(f"triton repository in {args.repo}: {', '.join(names)}")
         return 0
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, a signal stops the server, whenever it comes
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
     try:
         ensure_venv(args.venv, say)
         with tempfile.TemporaryDirectory(prefix="splitleak-triton-") as tmp:
             repo = args.repo or Path(tmp)
             names = write_repo(repo, args.models, args.venv)
             with Triton(repo, venv=args.venv, host=args.host, port=args.port, log=sys.stderr) as triton:
-                port = triton.start(names)
+                port = triton.start(names, stopping=stopping)
+                if stopping:
+                    return 0
                 print(f"triton listening on {args.host}:{port} serving {', '.join(names)}", flush=True)
-                if not _wait_for_signal(triton.proc):
+                while not stopping and triton.proc.poll() is None:
+                    time.sleep(0.2)
+                if not stopping:
                     raise TritonError(f"tritonserver exited on its own (status {triton.proc.returncode})")
     except TritonError as e:
         say(str(e))
         return 1
     return 0
-
-
-def _wait_for_signal(proc: subprocess.Popen) -> bool:
-    """Until SIGTERM or SIGINT arrives (True), or the server dies on its own (False)."""
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stopping.append(signum))
-    while not stopping and proc.poll() is None:
-        time.sleep(0.2)
-    return bool(stopping)

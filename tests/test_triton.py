@@ -1,0 +1,143 @@
+"""The tail on a stock NVIDIA Triton server: `tritonserver` from the nvidia-pytriton wheel in .venv-triton (which
+`make test` builds), serving the repository `splitleak triton repo` writes, on loopback, with the device, the proxy
+and its capture unchanged in front of it. Skipped, saying why, where Triton's venv is missing or tritonserver cannot
+start here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_proxy import head_on_originals
+
+from splitleak.attacker import proxy
+from splitleak.cloud import triton
+from splitleak.core import capture, codec, manifest
+from splitleak.core.process import stop
+from splitleak.core.records import NETWORK_CLOUD
+from splitleak.core.transport import channel
+from splitleak.device.head import Head
+from splitleak.protos import inference_pb2 as pb
+from splitleak.protos import inference_pb2_grpc as pb_grpc
+
+VENV = Path(__file__).resolve().parents[1] / triton.VENV
+DATASET = "cifar10"
+
+
+@pytest.fixture(scope="module")
+def triton_port(shipped_model_dir, tmp_path_factory):
+    """A real tritonserver serving every split of the shipped model; yields its gRPC port."""
+    if not (VENV / ".installed").exists():
+        pytest.skip(f"no Triton venv in {VENV}: `make triton-venv` (part of `make test`) builds it")
+    root = tmp_path_factory.mktemp("triton")
+    names = triton.write_repo(root / "repo", [shipped_model_dir], VENV)
+    log = root / "tritonserver.log"
+    with open(log, "w") as out, triton.Triton(root / "repo", venv=VENV, log=out) as server:
+        try:
+            port = server.start(names)
+        except triton.TritonError as e:
+            pytest.skip(f"{e}; its log ends: {' | '.join(log.read_text().strip().splitlines()[-3:])}")
+        yield port
+
+
+def run_device(port: int, out: Path, *options: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{port}", "--dataset", DATASET]
+    cmd += ["--json", str(out), *options]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def predictions(port: int, out: Path, *options: str) -> tuple[dict[int, int], dict]:
+    """Each frame's prediction, and the run's summary."""
+    done = run_device(port, out, *options)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert all(f.get("error") is None for f in report["frames"])
+    return {f["frame"]: f["prediction"] for f in report["frames"]}, report["summary"]
+
+
+@pytest.mark.slow
+def test_the_device_streams_200_frames_at_every_split_to_triton_with_the_predictions_of_splitleak_s_cloud(
+    triton_port, shipped_cloud, shipped_model_dir, tmp_path
+):
+    for split in manifest.load(shipped_model_dir).splits:
+        on_triton, summary = predictions(triton_port, tmp_path / f"triton-{split}.json", "--split", split)
+        on_cloud, cloud_summary = predictions(shipped_cloud, tmp_path / f"cloud-{split}.json", "--split", split)
+        assert len(on_triton) == 200 and on_triton == on_cloud, split
+        # Triton reports no times: the device times the round trip as one stage, and splitleak's cloud splits it.
+        assert NETWORK_CLOUD in summary["stages_ms"] and "cloud" not in summary["stages_ms"]
+        assert "cloud" in cloud_summary["stages_ms"] and NETWORK_CLOUD not in cloud_summary["stages_ms"]
+
+
+def test_the_device_sends_one_model_infer_a_frame_with_stream_off_and_gets_the_same_predictions(triton_port, tmp_path):
+    streamed, _ = predictions(triton_port, tmp_path / "stream.json", "--limit", "10", "--split", "layer3")
+    done = run_device(triton_port, tmp_path / "unary.json", "--limit", "10", "--split", "layer3", "--stream", "off")
+    assert done.returncode == 0, done.stderr
+    assert "triton, one ModelInfer a frame" in done.stdout
+    assert {f["frame"]: f["prediction"] for f in json.loads((tmp_path / "unary.json").read_text())["frames"]} == (
+        streamed
+    )
+
+
+def test_triton_answers_a_bad_shape_and_an_unknown_model_in_band_and_the_stream_goes_on(triton_port):
+    def request(name: str, shape: tuple[int, ...], request_id: str) -> pb.ModelInferRequest:
+        return codec.encode_request(name, {"activation": np.zeros(shape, np.float32)}, request_id=request_id)
+
+    good = request("resnet20-cifar10.layer3", (1, 64, 8, 8), "good")
+    bad_shape = request("resnet20-cifar10.layer3", (1, 64, 8, 7), "bad-shape")
+    unknown = request("resnet20-cifar10.nowhere", (1, 64, 8, 8), "unknown")
+    with channel(f"127.0.0.1:{triton_port}") as ch:
+        answers = list(pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(iter([bad_shape, unknown, good])))
+    assert [a.infer_response.id for a in answers] == ["bad-shape", "unknown", "good"]
+    assert "unexpected shape for input 'activation'" in answers[0].error_message
+    assert "Expected [-1,64,8,8], got [1,64,8,7]" in answers[0].error_message
+    assert "unknown model: 'resnet20-cifar10.nowhere'" in answers[1].error_message
+    assert not answers[2].error_message and codec.decode_response(answers[2].infer_response)["logits"].shape == (1, 10)
+
+
+@pytest.mark.parametrize("defence", [["fp16"], ["quantise", "--strength", "4"], ["topk", "--strength", "0.5"]])
+def test_a_defended_form_triton_cannot_take_is_refused_in_one_line_before_the_first_frame(
+    triton_port, tmp_path, defence
+):
+    done = run_device(triton_port, tmp_path / "device.json", "--split", "layer3", "--defence", *defence)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"defence {defence[0]} sends" in done.stderr
+    assert "triton at 127.0.0.1" in done.stderr and "takes only what its model declares" in done.stderr
+    assert json.loads((tmp_path / "device.json").read_text())["frames"] == []
+
+
+@pytest.mark.slow
+def test_the_proxy_in_front_of_triton_captures_every_activation_and_the_device_gets_triton_s_predictions(
+    triton_port, shipped_model_dir, tmp_path
+):
+    direct, _ = predictions(triton_port, tmp_path / "direct.json", "--limit", "30", "--split", "layer2")
+    proc, port = proxy.start_process(f"127.0.0.1:{triton_port}", tmp_path / "capture", dataset=DATASET)
+    try:
+        proxied, _ = predictions(port, tmp_path / "proxied.json", "--limit", "30", "--split", "layer2")
+    finally:
+        assert stop(proc) == 0
+    assert proxied == direct and len(direct) == 30
+    got = capture.read(tmp_path / "capture")
+    head = Head(shipped_model_dir, "layer2")
+    assert got.models() == [head.served_name] and got.meta["records"] == 30 and got.meta["errors"] == 0
+    frame_ids, activations = got.activations(head.served_name)
+    assert sorted(frame_ids.tolist()) == sorted(direct)
+    np.testing.assert_array_equal(activations, head_on_originals(head, got, frame_ids))
+
+
+def test_the_repository_holds_a_python_model_and_the_onnxruntime_config_for_every_split(shipped_model_dir, tmp_path):
+    names = triton.write_repo(tmp_path, [shipped_model_dir], VENV)
+    m = manifest.load(shipped_model_dir)
+    assert names == [m.served_name(split) for split in m.splits]
+    for split in m.splits.values():
+        model = tmp_path / m.served_name(split.name)
+        assert (model / "1" / "model.onnx").read_bytes() == split.tail.read_bytes()
+        assert str(triton.site_packages(VENV)) in (model / "1" / "model.py").read_text()
+        dims = f"dims: [{', '.join(map(str, split.activation_shape))}]"
+        for config, backend in (("config.pbtxt", "python"), ("config.onnxruntime.pbtxt", "onnxruntime")):
+            text = (model / config).read_text()
+            assert f'backend: "{backend}"' in text and f'name: "{m.served_name(split.name)}"' in text and dims in text
