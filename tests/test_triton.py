@@ -17,7 +17,7 @@ from test_proxy import head_on_originals
 from splitleak.attacker import proxy
 from splitleak.cloud import triton
 from splitleak.core import capture, codec, manifest
-from splitleak.core.process import stop
+from splitleak.core.process import start_listening, stop
 from splitleak.core.records import NETWORK_CLOUD
 from splitleak.core.transport import channel
 from splitleak.device.head import Head
@@ -141,3 +141,30 @@ def test_the_repository_holds_a_python_model_and_the_onnxruntime_config_for_ever
         for config, backend in (("config.pbtxt", "python"), ("config.onnxruntime.pbtxt", "onnxruntime")):
             text = (model / config).read_text()
             assert f'backend: "{backend}"' in text and f'name: "{m.served_name(split.name)}"' in text and dims in text
+
+
+def processes_naming(text: str) -> list[int]:
+    """The ids of live processes whose command line holds `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue  # ended while we looked
+    return found
+
+
+@pytest.mark.slow
+def test_triton_serve_answers_the_device_and_sigterm_stops_the_server_and_its_stubs(triton_port, tmp_path):
+    repo = tmp_path / "repo"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc, port = start_listening(
+            ["triton", "serve", str(repo), "--venv", str(VENV), "--port", "0"], "triton", 120, stderr=log
+        )
+        try:
+            answers, _ = predictions(port, tmp_path / "device.json", "--limit", "5")
+            assert len(answers) == 5 and processes_naming(str(repo))  # the server and a stub per split
+        finally:
+            assert stop(proc, timeout_s=triton.EXIT_TIMEOUT_S + 20) == 0
+    assert processes_naming(str(repo)) == []
