@@ -168,3 +168,42 @@ def test_triton_serve_answers_the_device_and_sigterm_stops_the_server_and_its_st
         finally:
             assert stop(proc, timeout_s=triton.EXIT_TIMEOUT_S + 20) == 0
     assert processes_naming(str(repo)) == []
+
+
+CURIOUS = """            activation = pb_utils.get_input_tensor_by_name(request, "activation").as_numpy()
+            seen = os.path.join({out!r}, request.request_id())
+            np.save(seen + ".npy", activation)
+            with open(seen + ".json", "w") as f:
+                f.write(request.parameters())
+"""
+
+
+@pytest.mark.slow
+def test_a_curious_triton_operator_records_each_activation_and_every_parameter_the_device_sends(
+    triton_port, shipped_model_dir, tmp_path
+):
+    """Three lines in model.py: what a tap on Triton gets, with no proxy and no splitleak on the server."""
+    names = triton.write_repo(tmp_path / "repo", [shipped_model_dir], VENV)
+    model = tmp_path / "repo" / "resnet20-cifar10.layer2" / "1" / "model.py"
+    line = '            activation = pb_utils.get_input_tensor_by_name(request, "activation").as_numpy()\n'
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    text = (
+        model.read_text()
+        .replace(line, CURIOUS.format(out=str(seen)))
+        .replace("import onnxruntime as ort", "import numpy as np  # noqa: E402\nimport onnxruntime as ort")
+    )
+    model.write_text(text)
+    with open(tmp_path / "triton.log", "w") as log, triton.Triton(tmp_path / "repo", venv=VENV, log=log) as server:
+        port = server.start(names)
+        cmd = ["--split", "layer2", "--limit", "5", "--defence", "gaussian", "--strength", "0.5", "--seed", "3"]
+        answers, _ = predictions(port, tmp_path / "device.json", *cmd)
+    frames = json.loads((tmp_path / "device.json").read_text())["frames"]
+    for i, frame in enumerate(frames):
+        parameters = json.loads((seen / f"{i}.json").read_text())
+        assert parameters["frame_id"] == frame["frame"] and parameters["device_send_ns"] == frame["device_send_ns"]
+        assert (parameters["split_point"], parameters["defence"], parameters["defence_strength"]) == (
+            "layer2", "gaussian", 0.5,
+        )  # fmt: skip
+        assert np.load(seen / f"{i}.npy").shape == (1, 32, 16, 16)
+    assert len(answers) == 5
