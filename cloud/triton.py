@@ -273,7 +273,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.action == "repo":
         if args.repo is None:
-            raise ValueError("triton repo: give the folder to write the repository into")
+            raise ValueError("give the folder to write the repository into: splitleak triton repo DIR")
         names = write_repo(args.repo, args.models, args.venv)
         print(f"triton repository in {args.repo}: {', '.join(names)}")
         return 0
