@@ -206,10 +206,12 @@ class Triton:
             if self._wait_ready(port, models, timeout_s, stopping) or stopping:
                 self.port = port
                 return port
+            hung = self.proc.poll() is None  # not a lost port, which ends it at once: trying again would not help
             code = self.stop()
-            if self.port:
+            if self.port or hung:
                 break
-        raise TritonError(f"tritonserver did not serve {', '.join(models)} within {timeout_s:g} s (exit {code})")
+        why = f"not ready within {timeout_s:g} s" if hung else f"exited with status {code}"
+        raise TritonError(f"tritonserver did not serve {', '.join(models)}: {why} (its log says why)")
 
     def _wait_ready(self, port: int, models: list[str], timeout_s: float, stopping: list) -> bool:
         deadline = time.monotonic() + timeout_s
