@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitleak.cloud import triton
+from splitleak.cloud.triton import Triton
 from splitleak.core import codec, transport
 from splitleak.core.process import start_cloud, stop
 from splitleak.device.head import Head
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / triton.VENV
+VENV = ROOT / Triton.venv
 SAMPLE = ROOT / "tests" / "data"  # the committed sample, so both servers see the same real frames
 SPLITS = ("stem", "layer1", "layer2", "layer3")
 FRAMES = 50
@@ -38,9 +38,9 @@ def ports(model_dir, tmp_path_factory) -> dict[str, int]:
     if not (VENV / ".installed").exists():
         pytest.skip(f"no Triton venv in {VENV}: `make triton-venv` builds it")
     root = tmp_path_factory.mktemp("bench-triton")
-    names = triton.write_repo(root / "repo", [model_dir], VENV)
+    names = Triton.write_repo(root / "repo", [model_dir], VENV)
     cloud, cloud_port = start_cloud([model_dir])
-    with open(root / "tritonserver.log", "w") as log, triton.Triton(root / "repo", venv=VENV, log=log) as server:
+    with open(root / "tritonserver.log", "w") as log, Triton(root / "repo", venv=VENV, log=log) as server:
         try:
             yield {"splitleak": cloud_port, "triton": server.start(names)}
         finally:

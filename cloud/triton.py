@@ -5,6 +5,8 @@ as splitleak's cloud names it (`NAME.S`): `config.pbtxt` for Triton's Python bac
 with ONNX Runtime, `1/model.onnx` (the tail), and `config.onnxruntime.pbtxt` beside it, the config a GPU or
 production user swaps in for Triton's own ONNX Runtime backend (not on PyPI, so not run here).
 
+The venv, the process group and the CLI's three actions are splitleak.cloud.engine's, shared with MLServer.
+
 `splitleak triton venv` creates Triton's own venv (`make test` does, as `.venv-triton`): the `nvidia-pytriton` wheel
 from PyPI, which bundles `tritonserver` and its Python backend, with numpy < 2 and onnxruntime. `splitleak triton
 serve [DIR]` creates it if it is not there, writes the repository (into DIR, else a temporary folder) and runs
@@ -25,30 +27,16 @@ round trip as "network + cloud".
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import grpc
+from splitleak.cloud import engine
+from splitleak.cloud.engine import EngineError, site_packages
+from splitleak.core import manifest
 
-from splitleak.cloud.tail import add_models_argument
-from splitleak.core import manifest, transport
-from splitleak.core.options import number
-from splitleak.core.process import dies_with_parent
-from splitleak.protos import inference_pb2 as pb
-from splitleak.protos import inference_pb2_grpc as pb_grpc
-
-VENV = Path(".venv-triton")  # where `make` builds it, at the repository's root
-REQUIREMENTS = ("nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.20")
 MAX_BATCH = 256  # as splitleak's cloud (splitleak.cloud.tail.MAX_BATCH)
 EXIT_TIMEOUT_S = 5  # Triton waits 30 s for in-flight work on SIGTERM by default
-START_S = 120.0  # loading four Python-backend models on a busy 2-core machine takes seconds
 
 _TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "UINT8": "TYPE_UINT8"}
 
@@ -85,10 +73,6 @@ class TritonPythonModel:
 '''
 
 
-class TritonError(RuntimeError):
-    """Triton cannot be set up or started here: the message says why."""
-
-
 def config(name: str, split: manifest.Split, classes: int, backend: str) -> str:
     """A model's config.pbtxt for `backend` ("python" or "onnxruntime")."""
     dims = ", ".join(map(str, split.activation_shape))
@@ -106,55 +90,14 @@ def config(name: str, split: manifest.Split, classes: int, backend: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def site_packages(venv: Path) -> Path:
-    return venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-
-
-def write_repo(out: Path, models: list[Path], venv: Path = VENV) -> list[str]:
-    """Write the model repository for every split of `models` into `out`; the names of the models written."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for root in models:
-        m = manifest.load(root)
-        for split in m.splits.values():
-            name = m.served_name(split.name)
-            version = out / name / "1"
-            version.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(split.tail, version / "model.onnx")
-            py = MODEL_PY.format(name=name, site_packages=str(site_packages(venv.resolve())))
-            (version / "model.py").write_text(py)
-            (out / name / "config.pbtxt").write_text(config(name, split, len(m.classes), "python"))
-            (out / name / "config.onnxruntime.pbtxt").write_text(config(name, split, len(m.classes), "onnxruntime"))
-            names.append(name)
-    return names
-
-
-def ensure_venv(venv: Path = VENV, say=lambda line: None) -> None:
-    """Create Triton's venv with REQUIREMENTS unless it has them (its `.installed` lists what it was made with)."""
-    marker = venv / ".installed"
-    wanted = "\n".join(REQUIREMENTS) + "\n"
-    if marker.exists() and marker.read_text() == wanted:
-        return
-    say(f"creating Triton's venv in {venv} ({', '.join(REQUIREMENTS)}): a minute or two")
-    for cmd in (
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", *REQUIREMENTS],
-    ):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = " ".join((done.stderr or done.stdout).strip().splitlines()[-1:])
-            raise TritonError(f"could not create Triton's venv in {venv}: {' '.join(cmd[:3])}...: {last}")
-    marker.write_text(wanted)
-
-
-def server_files(venv: Path = VENV) -> tuple[Path, Path]:
+def server_files(venv: Path) -> tuple[Path, Path]:
     """(the tritonserver binary, its backends folder, with the Python backend's stub for this Python) in the venv."""
     root = site_packages(venv) / "pytriton" / "tritonserver"
     binary = root / "bin" / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not binary.exists() or not stub.exists():
-        raise TritonError(f"{venv} has no tritonserver with a Python {version} backend stub (looked in {root})")
+        raise EngineError(f"{venv} has no tritonserver with a Python {version} backend stub (looked in {root})")
     # Where pytriton itself puts it: the stub finds its libraries by a path relative to its own folder.
     backends = root / "backends"
     if not (backends / "python" / stub.name).exists():
@@ -162,141 +105,51 @@ def server_files(venv: Path = VENV) -> tuple[Path, Path]:
     return binary, backends
 
 
-def free_port(host: str) -> int:
-    """A port free now; tritonserver takes no port 0, so one is picked for it (a start that loses it is retried)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+class Triton(engine.Server):
+    """A running `tritonserver`: gRPC only, on loopback, in a process group of its own with its backend stubs."""
 
+    name = "triton"
+    venv = Path(".venv-triton")
+    requirements = ("nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime>=1.20")
+    exit_timeout_s = EXIT_TIMEOUT_S
 
-class Triton:
-    """A running `tritonserver` in a process group of its own; `stop` ends the group (server and backend stubs)."""
+    @classmethod
+    def write_repo(cls, out: Path, models: list[Path], venv: Path) -> list[str]:
+        """Write the model repository for every split of `models` into `out`; the names of the models written."""
+        out.mkdir(parents=True, exist_ok=True)
+        names = []
+        for root in models:
+            m = manifest.load(root)
+            for split in m.splits.values():
+                name = m.served_name(split.name)
+                version = out / name / "1"
+                version.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(split.tail, version / "model.onnx")
+                py = MODEL_PY.format(name=name, site_packages=str(site_packages(venv.resolve())))
+                (version / "model.py").write_text(py)
+                (out / name / "config.pbtxt").write_text(config(name, split, len(m.classes), "python"))
+                (out / name / "config.onnxruntime.pbtxt").write_text(config(name, split, len(m.classes), "onnxruntime"))
+                names.append(name)
+        return names
 
-    def __init__(self, repo: Path, *, venv: Path = VENV, host: str = "127.0.0.1", port: int = 0, log=None) -> None:
-        self.repo, self.venv, self.host, self.port, self.log = repo, venv, host, port, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, models: list[str], timeout_s: float = START_S, stopping: list | None = None) -> int:
-        """Start the server and wait until every model in `models` is ready; the gRPC port. TritonError if not.
-        `stopping`: waiting ends early once it holds something (a signal came)."""
-        stopping = [] if stopping is None else stopping
-        binary, backends = server_files(self.venv)
-        for _ in range(3):  # a port picked for it may be taken before it binds
-            port = self.port or free_port(self.host)
-            cmd = [
-                str(binary),
-                f"--model-repository={self.repo}",
-                f"--backend-directory={backends}",
-                f"--grpc-address={self.host}",
-                f"--grpc-port={port}",
-                "--allow-http=false",
-                "--allow-metrics=false",
-                f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-                "--disable-auto-complete-config",
-            ]
-            # A group of its own, so that stopping it stops its backend stubs too; and it dies with this process,
-            # however this process dies (its stubs follow their server).
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=self.log or subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=dies_with_parent(signal.SIGKILL),
-            )
-            if self._wait_ready(port, models, timeout_s, stopping) or stopping:
-                self.port = port
-                return port
-            hung = self.proc.poll() is None  # not a lost port, which ends it at once: trying again would not help
-            code = self.stop()
-            if self.port or hung:
-                break
-        why = f"not ready within {timeout_s:g} s" if hung else f"exited with status {code}"
-        raise TritonError(f"tritonserver did not serve {', '.join(models)}: {why} (its log says why)")
-
-    def _wait_ready(self, port: int, models: list[str], timeout_s: float, stopping: list) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with transport.channel(f"{self.host}:{port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline and self.proc.poll() is None and not stopping:
-                try:
-                    if all(stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=2).ready for name in models):
-                        return True
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        return False
-
-    def stop(self) -> int | None:
-        """SIGTERM to the whole group, SIGKILL past EXIT_TIMEOUT_S and a margin; the server's exit status."""
-        if self.proc is None:
-            return None
-        for sig, wait_s in ((signal.SIGTERM, EXIT_TIMEOUT_S + 5), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                return self.proc.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.poll()
-
-    def __enter__(self) -> Triton:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def command(self, port: int) -> list[str]:
+        binary, backends = server_files(self.venv_path)
+        return [
+            str(binary),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backends}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={port}",
+            "--allow-http=false",
+            "--allow-metrics=false",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            "--disable-auto-complete-config",
+        ]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "action",
-        choices=["venv", "repo", "serve"],
-        help="venv: create Triton's venv; repo: write the model repository; serve: both, and run tritonserver",
-    )
-    parser.add_argument("repo", type=Path, nargs="?", help="the model repository (serve: default a temporary folder)")
-    add_models_argument(parser)
-    parser.add_argument("--venv", type=Path, default=VENV, help="Triton's own venv (created by serve if missing)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=number(int, at_least=0), default=8001, help="gRPC; 0 picks a free port")
-    return parser
+    return engine.get_args_parser(Triton, __doc__.splitlines()[0])
 
 
 def main(args: argparse.Namespace) -> int:
-    say = lambda line: print(f"triton: {line}", file=sys.stderr, flush=True)  # noqa: E731
-    if args.action == "venv":
-        try:
-            ensure_venv(args.venv, say)
-        except TritonError as e:
-            say(str(e))
-            return 1
-        print(f"triton: venv ready in {args.venv}")
-        return 0
-    if args.action == "repo":
-        if args.repo is None:
-            raise ValueError("give the folder to write the repository into: splitleak triton repo DIR")
-        names = write_repo(args.repo, args.models, args.venv)
-        print(f"triton repository in {args.repo}: {', '.join(names)}")
-        return 0
-    stopping: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, a signal stops the server, whenever it comes
-        signal.signal(sig, lambda signum, frame: stopping.append(signum))
-    try:
-        ensure_venv(args.venv, say)
-        with tempfile.TemporaryDirectory(prefix="splitleak-triton-") as tmp:
-            repo = args.repo or Path(tmp)
-            names = write_repo(repo, args.models, args.venv)
-            with Triton(repo, venv=args.venv, host=args.host, port=args.port, log=sys.stderr) as triton:
-                port = triton.start(names, stopping=stopping)
-                if stopping:
-                    return 0
-                print(f"triton listening on {args.host}:{port} serving {', '.join(names)}", flush=True)
-                while not stopping and triton.proc.poll() is None:
-                    time.sleep(0.2)
-                if not stopping:
-                    raise TritonError(f"tritonserver exited on its own (status {triton.proc.returncode})")
-    except TritonError as e:
-        say(str(e))
-        return 1
-    return 0
+    return engine.main(Triton, args)

@@ -15,7 +15,8 @@ import pytest
 from test_proxy import head_on_originals
 
 from splitleak.attacker import proxy
-from splitleak.cloud import triton
+from splitleak.cloud.engine import EngineError, site_packages
+from splitleak.cloud.triton import Triton
 from splitleak.core import capture, codec, manifest
 from splitleak.core.process import start_listening, stop
 from splitleak.core.records import NETWORK_CLOUD
@@ -24,7 +25,7 @@ from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
-VENV = Path(__file__).resolve().parents[1] / triton.VENV
+VENV = Path(__file__).resolve().parents[1] / Triton.venv
 DATASET = "cifar10"
 
 
@@ -34,12 +35,12 @@ def triton_port(shipped_model_dir, tmp_path_factory):
     if not (VENV / ".installed").exists():
         pytest.skip(f"no Triton venv in {VENV}: `make triton-venv` (part of `make test`) builds it")
     root = tmp_path_factory.mktemp("triton")
-    names = triton.write_repo(root / "repo", [shipped_model_dir], VENV)
+    names = Triton.write_repo(root / "repo", [shipped_model_dir], VENV)
     log = root / "tritonserver.log"
-    with open(log, "w") as out, triton.Triton(root / "repo", venv=VENV, log=out) as server:
+    with open(log, "w") as out, Triton(root / "repo", venv=VENV, log=out) as server:
         try:
             port = server.start(names)
-        except triton.TritonError as e:
+        except EngineError as e:
             pytest.skip(f"{e}; its log ends: {' | '.join(log.read_text().strip().splitlines()[-3:])}")
         yield port
 
@@ -130,13 +131,13 @@ def test_the_proxy_in_front_of_triton_captures_every_activation_and_the_device_g
 
 
 def test_the_repository_holds_a_python_model_and_the_onnxruntime_config_for_every_split(shipped_model_dir, tmp_path):
-    names = triton.write_repo(tmp_path, [shipped_model_dir], VENV)
+    names = Triton.write_repo(tmp_path, [shipped_model_dir], VENV)
     m = manifest.load(shipped_model_dir)
     assert names == [m.served_name(split) for split in m.splits]
     for split in m.splits.values():
         model = tmp_path / m.served_name(split.name)
         assert (model / "1" / "model.onnx").read_bytes() == split.tail.read_bytes()
-        assert str(triton.site_packages(VENV)) in (model / "1" / "model.py").read_text()
+        assert str(site_packages(VENV)) in (model / "1" / "model.py").read_text()
         dims = f"dims: [{', '.join(map(str, split.activation_shape))}]"
         for config, backend in (("config.pbtxt", "python"), ("config.onnxruntime.pbtxt", "onnxruntime")):
             text = (model / config).read_text()
@@ -166,7 +167,7 @@ def test_triton_serve_answers_the_device_and_sigterm_stops_the_server_and_its_st
             answers, _ = predictions(port, tmp_path / "device.json", "--limit", "5")
             assert len(answers) == 5 and processes_naming(str(repo))  # the server and a stub per split
         finally:
-            assert stop(proc, timeout_s=triton.EXIT_TIMEOUT_S + 20) == 0
+            assert stop(proc, timeout_s=Triton.exit_timeout_s + 20) == 0
     assert processes_naming(str(repo)) == []
 
 
@@ -183,7 +184,7 @@ def test_a_curious_triton_operator_records_each_activation_and_every_parameter_t
     triton_port, shipped_model_dir, tmp_path
 ):
     """Three lines in model.py: what a tap on Triton gets, with no proxy and no splitleak on the server."""
-    names = triton.write_repo(tmp_path / "repo", [shipped_model_dir], VENV)
+    names = Triton.write_repo(tmp_path / "repo", [shipped_model_dir], VENV)
     model = tmp_path / "repo" / "resnet20-cifar10.layer2" / "1" / "model.py"
     line = '            activation = pb_utils.get_input_tensor_by_name(request, "activation").as_numpy()\n'
     seen = tmp_path / "seen"
@@ -194,7 +195,7 @@ def test_a_curious_triton_operator_records_each_activation_and_every_parameter_t
         .replace("import onnxruntime as ort", "import numpy as np  # noqa: E402\nimport onnxruntime as ort")
     )
     model.write_text(text)
-    with open(tmp_path / "triton.log", "w") as log, triton.Triton(tmp_path / "repo", venv=VENV, log=log) as server:
+    with open(tmp_path / "triton.log", "w") as log, Triton(tmp_path / "repo", venv=VENV, log=log) as server:
         port = server.start(names)
         cmd = ["--split", "layer2", "--limit", "5", "--defence", "gaussian", "--strength", "0.5", "--seed", "3"]
         answers, _ = predictions(port, tmp_path / "device.json", *cmd)
