@@ -20,7 +20,11 @@ $(BIN)/.installed: pyproject.toml
 triton-venv: install  ## Triton's venv (.venv-triton), for `splitleak triton serve` and its tests
 	$(BIN)/splitleak triton venv
 
-.PHONY: install triton-venv run demo test test-fast test-firefox bench lint protos
+# MLServer's own venv (splitleak.cloud.mlserver): MLServer installs only beside protobuf < 7.
+mlserver-venv: install  ## MLServer's venv (.venv-mlserver), for `splitleak mlserver serve` and its tests
+	$(BIN)/splitleak mlserver venv
+
+.PHONY: install triton-venv mlserver-venv run demo test test-fast test-firefox bench lint protos
 install: $(BIN)/.installed
 
 run: install  ## the cloud and the device as two processes, 200 frames, per-stage latency
@@ -29,7 +33,7 @@ run: install  ## the cloud and the device as two processes, 200 frames, per-stag
 demo: install  ## the live attack demo in the browser: prints the address to open
 	$(BIN)/splitleak demo
 
-test: install triton-venv /usr/bin/chromium /usr/bin/firefox-esr  ## the whole suite: real processes, gRPC, data, Chromium, Firefox, Triton
+test: install triton-venv mlserver-venv /usr/bin/chromium /usr/bin/firefox-esr  ## the whole suite: real processes, gRPC, data, Chromium, Firefox, Triton
 	$(BIN)/pytest
 
 test-fast: install  ## the quick loop: everything but what trains, streams many frames, sweeps or drives a browser

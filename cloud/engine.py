@@ -26,7 +26,7 @@ from typing import ClassVar
 import grpc
 
 from splitleak.cloud.tail import add_models_argument
-from splitleak.core import transport
+from splitleak.core import manifest, transport
 from splitleak.core.options import number
 from splitleak.core.process import dies_with_parent
 from splitleak.protos import inference_pb2 as pb
@@ -82,9 +82,23 @@ class Server(ABC):
         self.proc: subprocess.Popen | None = None
 
     @classmethod
-    @abstractmethod
     def write_repo(cls, out: Path, models: list[Path], venv: Path) -> list[str]:
-        """Write the model repository for every split of `models` into `out`; the names of the models written."""
+        """Write the model repository for every split of `models` into `out`, one folder per model, named as
+        splitleak's cloud names it (`NAME.S`); the names of the models written."""
+        names = []
+        for root in models:
+            m = manifest.load(root)
+            for split in m.splits.values():
+                name = m.served_name(split.name)
+                (out / name).mkdir(parents=True, exist_ok=True)
+                cls.write_model(out / name, name, m, split, venv)
+                names.append(name)
+        return names
+
+    @classmethod
+    @abstractmethod
+    def write_model(cls, folder: Path, name: str, m: manifest.Manifest, split: manifest.Split, venv: Path) -> None:
+        """Write the model `name` (the tail of `split`) into its `folder` of the repository."""
 
     @abstractmethod
     def command(self, port: int) -> list[str]:

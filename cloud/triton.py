@@ -114,23 +114,13 @@ class Triton(engine.Server):
     exit_timeout_s = EXIT_TIMEOUT_S
 
     @classmethod
-    def write_repo(cls, out: Path, models: list[Path], venv: Path) -> list[str]:
-        """Write the model repository for every split of `models` into `out`; the names of the models written."""
-        out.mkdir(parents=True, exist_ok=True)
-        names = []
-        for root in models:
-            m = manifest.load(root)
-            for split in m.splits.values():
-                name = m.served_name(split.name)
-                version = out / name / "1"
-                version.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(split.tail, version / "model.onnx")
-                py = MODEL_PY.format(name=name, site_packages=str(site_packages(venv.resolve())))
-                (version / "model.py").write_text(py)
-                (out / name / "config.pbtxt").write_text(config(name, split, len(m.classes), "python"))
-                (out / name / "config.onnxruntime.pbtxt").write_text(config(name, split, len(m.classes), "onnxruntime"))
-                names.append(name)
-        return names
+    def write_model(cls, folder: Path, name: str, m: manifest.Manifest, split: manifest.Split, venv: Path) -> None:
+        (folder / "1").mkdir(exist_ok=True)
+        shutil.copyfile(split.tail, folder / "1" / "model.onnx")
+        py = MODEL_PY.format(name=name, site_packages=str(site_packages(venv.resolve())))
+        (folder / "1" / "model.py").write_text(py)
+        (folder / "config.pbtxt").write_text(config(name, split, len(m.classes), "python"))
+        (folder / "config.onnxruntime.pbtxt").write_text(config(name, split, len(m.classes), "onnxruntime"))
 
     def command(self, port: int) -> list[str]:
         binary, backends = server_files(self.venv_path)

@@ -191,6 +191,11 @@ class Ledger:
         with self._changed:
             self._changed.notify_all()
 
+    def sent(self, request_id: str) -> bool:
+        """Whether a frame of this id was ever made (answered or not)."""
+        with self._changed:
+            return request_id in self._records
+
     def record(self, request_id: str) -> FrameRecord | None:
         """The record of a frame awaiting its answer; None for one already answered (counted: a duplicate)."""
         with self._changed:

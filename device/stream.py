@@ -279,6 +279,13 @@ class Stream:
 
     def _answer(self, response: pb.ModelStreamInferResponse) -> None:
         request_id = response.infer_response.id
+        if not self.ledger.sent(request_id):
+            # MLServer's stream answers with bare ModelInferResponses: read as Triton's, the model's name lands in
+            # error_message and no answer names a frame. Nothing that follows would either.
+            raise DeviceError(
+                f"the cloud at {self.cloud.target} answered a frame it was never sent (id {request_id[:40]!r}, "
+                f"error {response.error_message[:80]!r}): its ModelStreamInfer is not Triton's; use --stream off"
+            )
         record = self.ledger.record(request_id)
         if record is None:
             return  # answered before: a duplicate, counted by the ledger

@@ -16,6 +16,7 @@ COMMANDS = {
     "cloud": ("splitleak.cloud.server", "serve the tails over the Open Inference Protocol (gRPC)"),
     "device": ("splitleak.device.client", "run the head on frames with ONNX Runtime and stream them to the cloud"),
     "triton": ("splitleak.cloud.triton", "serve the tails on a stock NVIDIA Triton server (model repository, venv)"),
+    "mlserver": ("splitleak.cloud.mlserver", "serve the tails on Seldon's MLServer (model repository, venv)"),
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),

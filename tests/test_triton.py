@@ -15,7 +15,7 @@ import pytest
 from test_proxy import head_on_originals
 
 from splitleak.attacker import proxy
-from splitleak.cloud.engine import EngineError, site_packages
+from splitleak.cloud.engine import EngineError, Server, site_packages
 from splitleak.cloud.triton import Triton
 from splitleak.core import capture, codec, manifest
 from splitleak.core.process import start_listening, stop
@@ -25,24 +25,31 @@ from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
-VENV = Path(__file__).resolve().parents[1] / Triton.venv
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / Triton.venv
 DATASET = "cifar10"
 
 
-@pytest.fixture(scope="module")
-def triton_port(shipped_model_dir, tmp_path_factory):
-    """A real tritonserver serving every split of the shipped model; yields its gRPC port."""
-    if not (VENV / ".installed").exists():
-        pytest.skip(f"no Triton venv in {VENV}: `make triton-venv` (part of `make test`) builds it")
-    root = tmp_path_factory.mktemp("triton")
-    names = Triton.write_repo(root / "repo", [shipped_model_dir], VENV)
-    log = root / "tritonserver.log"
-    with open(log, "w") as out, Triton(root / "repo", venv=VENV, log=out) as server:
+def serving(engine: type[Server], model_dir: Path, root: Path):
+    """A real server of `engine` serving every split of `model_dir`: yields its gRPC port (a generator for a fixture);
+    skips, saying why, where the engine's venv is missing or the server cannot start here."""
+    venv = ROOT / engine.venv
+    if not (venv / ".installed").exists():
+        pytest.skip(f"no {engine.name} venv in {venv}: `make {engine.name}-venv` (part of `make test`) builds it")
+    names = engine.write_repo(root / "repo", [model_dir], venv)
+    log = root / f"{engine.name}.log"
+    with open(log, "w") as out, engine(root / "repo", venv=venv, log=out) as server:
         try:
             port = server.start(names)
         except EngineError as e:
             pytest.skip(f"{e}; its log ends: {' | '.join(log.read_text().strip().splitlines()[-3:])}")
         yield port
+
+
+@pytest.fixture(scope="module")
+def triton_port(shipped_model_dir, tmp_path_factory):
+    """A real tritonserver serving every split of the shipped model; yields its gRPC port."""
+    yield from serving(Triton, shipped_model_dir, tmp_path_factory.mktemp("triton"))
 
 
 def run_device(port: int, out: Path, *options: str) -> subprocess.CompletedProcess:
@@ -60,17 +67,22 @@ def predictions(port: int, out: Path, *options: str) -> tuple[dict[int, int], di
     return {f["frame"]: f["prediction"] for f in report["frames"]}, report["summary"]
 
 
+def agrees_with_splitleak_s_cloud(port: int, cloud_port: int, model_dir: Path, tmp_path: Path) -> None:
+    """200 frames at every split through the server on `port` get the predictions splitleak's cloud gives them;
+    the server reports no times, so the device times its round trip as one stage."""
+    for split in manifest.load(model_dir).splits:
+        on_server, summary = predictions(port, tmp_path / f"server-{split}.json", "--split", split)
+        on_cloud, cloud_summary = predictions(cloud_port, tmp_path / f"cloud-{split}.json", "--split", split)
+        assert len(on_server) == 200 and on_server == on_cloud, split
+        assert NETWORK_CLOUD in summary["stages_ms"] and "cloud" not in summary["stages_ms"]
+        assert "cloud" in cloud_summary["stages_ms"] and NETWORK_CLOUD not in cloud_summary["stages_ms"]
+
+
 @pytest.mark.slow
 def test_the_device_streams_200_frames_at_every_split_to_triton_with_the_predictions_of_splitleak_s_cloud(
     triton_port, shipped_cloud, shipped_model_dir, tmp_path
 ):
-    for split in manifest.load(shipped_model_dir).splits:
-        on_triton, summary = predictions(triton_port, tmp_path / f"triton-{split}.json", "--split", split)
-        on_cloud, cloud_summary = predictions(shipped_cloud, tmp_path / f"cloud-{split}.json", "--split", split)
-        assert len(on_triton) == 200 and on_triton == on_cloud, split
-        # Triton reports no times: the device times the round trip as one stage, and splitleak's cloud splits it.
-        assert NETWORK_CLOUD in summary["stages_ms"] and "cloud" not in summary["stages_ms"]
-        assert "cloud" in cloud_summary["stages_ms"] and NETWORK_CLOUD not in cloud_summary["stages_ms"]
+    agrees_with_splitleak_s_cloud(triton_port, shipped_cloud, shipped_model_dir, tmp_path)
 
 
 def test_the_device_sends_one_model_infer_a_frame_with_stream_off_and_gets_the_same_predictions(triton_port, tmp_path):
@@ -111,23 +123,29 @@ def test_a_defended_form_triton_cannot_take_is_refused_in_one_line_before_the_fi
     assert json.loads((tmp_path / "device.json").read_text())["frames"] == []
 
 
+def captured_through_the_proxy(server_port: int, model_dir: Path, split: str, frames: int, tmp_path: Path) -> None:
+    """The device through the attacker's proxy in front of the server gets the server's predictions, and the capture
+    holds every activation the device sent, in splitleak's format."""
+    direct, _ = predictions(server_port, tmp_path / "direct.json", "--limit", str(frames), "--split", split)
+    proc, port = proxy.start_process(f"127.0.0.1:{server_port}", tmp_path / "capture", dataset=DATASET)
+    try:
+        proxied, _ = predictions(port, tmp_path / "proxied.json", "--limit", str(frames), "--split", split)
+    finally:
+        assert stop(proc) == 0
+    assert proxied == direct and len(direct) == frames
+    got = capture.read(tmp_path / "capture")
+    head = Head(model_dir, split)
+    assert got.models() == [head.served_name] and got.meta["records"] == frames and got.meta["errors"] == 0
+    frame_ids, activations = got.activations(head.served_name)
+    assert sorted(frame_ids.tolist()) == sorted(direct)
+    np.testing.assert_array_equal(activations, head_on_originals(head, got, frame_ids))
+
+
 @pytest.mark.slow
 def test_the_proxy_in_front_of_triton_captures_every_activation_and_the_device_gets_triton_s_predictions(
     triton_port, shipped_model_dir, tmp_path
 ):
-    direct, _ = predictions(triton_port, tmp_path / "direct.json", "--limit", "30", "--split", "layer2")
-    proc, port = proxy.start_process(f"127.0.0.1:{triton_port}", tmp_path / "capture", dataset=DATASET)
-    try:
-        proxied, _ = predictions(port, tmp_path / "proxied.json", "--limit", "30", "--split", "layer2")
-    finally:
-        assert stop(proc) == 0
-    assert proxied == direct and len(direct) == 30
-    got = capture.read(tmp_path / "capture")
-    head = Head(shipped_model_dir, "layer2")
-    assert got.models() == [head.served_name] and got.meta["records"] == 30 and got.meta["errors"] == 0
-    frame_ids, activations = got.activations(head.served_name)
-    assert sorted(frame_ids.tolist()) == sorted(direct)
-    np.testing.assert_array_equal(activations, head_on_originals(head, got, frame_ids))
+    captured_through_the_proxy(triton_port, shipped_model_dir, "layer2", 30, tmp_path)
 
 
 def test_the_repository_holds_a_python_model_and_the_onnxruntime_config_for_every_split(shipped_model_dir, tmp_path):
