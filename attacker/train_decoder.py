@@ -28,7 +28,7 @@ from torch import nn
 from splitleak.attacker import live, scoring
 from splitleak.attacker.attacks import ATTACKS, build
 from splitleak.attacker.attacks.base import query, session
-from splitleak.attacker.replay import add_knob_arguments, knobs_from_args, knowledge, option
+from splitleak.attacker.replay import add_aux_limit_argument, add_knob_arguments, knobs_from_args, knowledge, option
 from splitleak.core import data, manifest
 from splitleak.model.export import export_onnx
 
@@ -111,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", default=DEFAULT_ATTACK, choices=exportable(), help="an exportable attack")
     parser.add_argument("--split", action="append", help="a split point (again for more); default: every one")
     parser.add_argument("--aux-dataset", help="auxiliary images: this data set's train split; default: the model's")
-    parser.add_argument("--aux-limit", type=int, help="train on this many auxiliary images, drawn at random")
+    add_aux_limit_argument(parser)
     parser.add_argument("--held-out", type=int, default=500, help="test-split frames to score the exported file on")
     parser.add_argument("--out", type=Path, help="folder for SPLIT.ATTACK.onnx; default: MODEL_DIR/attacks")
     add_knob_arguments(parser, exportable())
@@ -119,10 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        knobs = {**ATTACKS[args.attack].knob_defaults(), **knobs_from_args(args, args.attack)}
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    # A ValueError is one line and exit 2 (splitleak.cli).
+    knobs = {**ATTACKS[args.attack].knob_defaults(), **knobs_from_args(args, args.attack)}
     m = manifest.load(args.model_dir)
     splits = args.split or list(m.splits)
     for split in splits:

@@ -41,6 +41,7 @@ from splitleak.cloud import wire
 from splitleak.cloud.tail import InferError, Tail, add_models_argument, load_tails
 from splitleak.core import codec, defences, serving, transport
 from splitleak.core.serving import quote
+from splitleak.core.tls import Tls
 from splitleak.protos import inference_pb2 as pb
 
 MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refused, so that answers stay small
@@ -262,14 +263,15 @@ class InferenceService:
 
 
 async def serve(
-    service: InferenceService, *, host: str = "127.0.0.1", port: int = 0
+    service: InferenceService, *, host: str = "127.0.0.1", port: int = 0, tls: Tls | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start serving; returns the server, the port it listens on, and its health servicer. OSError if it cannot."""
+    """Start serving, with mutual TLS if given; returns the server, the port it listens on, and its health servicer.
+    OSError if it cannot."""
     server = grpc.aio.server(options=transport.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = serving.listen(server, host, port)
+    bound = serving.listen(server, host, port, tls)
     await server.start()
     for name in ("", transport.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -304,11 +306,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="curious cloud: also write every accepted request to a capture in DIR",
     )
+    parser.add_argument(
+        "--feed",
+        metavar="HOST:PORT",
+        help="also send every request, as it comes, to a consumer there (the curious cloud)",
+    )
     parser.add_argument("--dataset", help="with --record: the data set the device's frames come from, if known")
+    Tls.add_arguments(parser, "cloud")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    args.tls = Tls.from_args(args, "cloud")
     try:
         tails = load_tails(args.models, args.threads)
     except (FileNotFoundError, ValueError) as e:
@@ -324,25 +333,30 @@ def main(args: argparse.Namespace) -> int:
 async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) -> int:
     service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers)
     try:
-        server, port, health_servicer = await serve(service, host=args.host, port=args.port)
+        server, port, health_servicer = await serve(service, host=args.host, port=args.port, tls=args.tls)
     except OSError as e:
         print(f"cloud: {e}", file=sys.stderr)
         return 2
-    sink = None
-    if args.record:
-        # Imported only here: an honest cloud needs nothing of the attacker's.
+    sink = feed = None
+    if args.record or args.feed:
+        # Imported only here: an honest cloud records nothing.
         from splitleak.core.capture import CaptureSink, CaptureWriter
+        from splitleak.core.feed import FeedSender
 
         # Added once the port is known (the capture names it) and before it is announced, so no device is missed.
         try:
-            writer = CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}")
-        except FileExistsError as e:
+            feed = args.feed and FeedSender(args.feed)
+            writer = args.record and CaptureWriter(
+                args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}"
+            )
+        except OSError as e:  # FileExistsError among them
             print(f"cloud: {e}", file=sys.stderr)
             await server.stop(None)
             return 2
-        sink = CaptureSink(writer)
+        sink = CaptureSink(writer or None, on_capture=[feed] if feed else None)
         service.observers.append(sink.put)
-    print(f"cloud listening on {args.host}:{port} serving {', '.join(sorted(service.tails))}", flush=True)
+    wire = ", mutual TLS" if args.tls else ""
+    print(f"cloud listening on {args.host}:{port}{wire} serving {', '.join(sorted(service.tails))}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -351,5 +365,8 @@ async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) 
     await drain(server, service, health_servicer)
     if sink is not None:
         sink.close()
-        print("cloud recorded: " + ", ".join(f"{k} {v}" for k, v in sink.stats.items()), file=sys.stderr, flush=True)
+        stats = sink.stats | (feed.stats if feed else {})
+        if feed:
+            feed.close()
+        print("cloud recorded: " + ", ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr, flush=True)
     return 0

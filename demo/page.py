@@ -38,11 +38,13 @@ def config(
     attacks: dict[str, dict[str, live.ExportedInverse]],
     gallery: data.Dataset | None,
     identity_note: str | None = None,
+    wire: str | None = None,
     start: dict,
 ) -> dict:
     """What does not change while the demo runs: the choices the page offers, and what each means.
 
-    With a `gallery`, the page names who is in each frame; without one, `identity_note` says why it cannot."""
+    With a `gallery`, the page names who is in each frame; without one, `identity_note` says why it cannot. `wire`
+    says who can read the channel, when TLS is on."""
     return {
         "model": m.name,
         "dataset": dataset,
@@ -73,6 +75,7 @@ def config(
         },
         "stages": [stage for stage in STAGES if stage != "total"],
         "recognisable_ssim": RECOGNISABLE_SSIM,
+        "wire": wire,
         "people": None if gallery is None else people(gallery),
         "identity_note": identity_note,
         "start": start,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from splitleak import certs
 from splitleak.core import data, defences, link, manifest
 from splitleak.core.options import number
 from splitleak.demo.simulation import Settings, Simulation
@@ -132,6 +133,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--frames", type=number(int, at_least=1), default=500, help="distinct frames the device loops over"
     )
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="mutual TLS between device and cloud, with the certificates in DIR (made there if it holds none): the "
+        "proxy then sees only ciphertext and the attacks run at the curious cloud",
+    )
     return parser
 
 
@@ -151,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
         strength=args.strength,
         max_rate=args.fps,
         frames=args.frames,
+        tls=certs.ensure(args.tls) if args.tls else None,
     )
     try:
         simulation = Simulation(settings)

@@ -2,7 +2,7 @@
 
 The three processes are started with the commands a user types (`splitleak cloud`, `splitleak attacker proxy`,
 `splitleak device`), on free loopback ports: the device talks to the proxy, which forwards to the cloud and feeds
-every request it captures to this process (splitleak.attacker.feed). The device loops over its frames, takes setting
+every request it captures to this process (splitleak.core.feed). The device loops over its frames, takes setting
 changes between frames on its stdin (`--control -`) and writes every frame's record to its stdout (`--records -`).
 
 Here, one thread per stream: the feed's requests go to a one-item mailbox, from which the attacker's thread takes the
@@ -16,10 +16,12 @@ from __future__ import annotations
 import collections
 import json
 import math
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splitleak.attacker import feed, live, proxy
-from splitleak.core import data, defences, link, manifest, process
+from splitleak.attacker import live, proxy
+from splitleak.core import data, defences, feed, link, manifest, process
 from splitleak.core.facts import IDENTITY_DATASETS
 from splitleak.core.records import FrameRecord
 from splitleak.demo import page
@@ -50,6 +52,7 @@ class Settings:
     strength: float | None = None
     max_rate: float = 30.0  # frames a second, as a phone's camera
     frames: int = 500  # distinct frames the device loops over
+    tls: Path | None = None  # certificates for mutual TLS between device and cloud (splitleak tls make)
 
 
 class Mailbox:
@@ -104,6 +107,7 @@ class Simulation:
         self._stdin_lock = threading.Lock()
         self._mailbox = Mailbox()
         self._stopping = threading.Event()
+        self.ciphertext: Path | None = None  # with TLS, where the proxy keeps the ciphertext it relayed
 
     # Starting and stopping.
 
@@ -111,19 +115,29 @@ class Simulation:
         s = self.settings
         dataset = self.dataset = data.load(s.dataset, "test")
         self.attacker = live.LiveAttacker(self.manifest, self.attacks, dataset=dataset, gallery=self._gallery())
+        tls = ["--tls", str(s.tls)] if s.tls else []
         with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(30)
+            feed_to = f"127.0.0.1:{listener.getsockname()[1]}"
             # Each in a session of its own: a Ctrl-C is for this process, which stops them in order. Each dies with
             # this process too, should it be killed before it can (splitleak.core.process.dies_with_parent).
-            cloud, cloud_port = process.start_cloud([s.model_dir], own_session=True)
+            # With mutual TLS the proxy holds no key the device trusts and can only relay ciphertext, so the attacks
+            # run where the activations can still be read: at the curious cloud, which feeds them to this process.
+            cloud_feed = ["--feed", feed_to] if s.tls else []
+            cloud, cloud_port = process.start_cloud([s.model_dir], [*tls, *cloud_feed], own_session=True)
             self.processes["cloud"] = cloud
-            feed_to = f"127.0.0.1:{listener.getsockname()[1]}"
-            proxy_proc, proxy_port = proxy.start_process(
-                f"127.0.0.1:{cloud_port}", None, dataset=s.dataset, extra=["--feed", feed_to], own_session=True
-            )
+            if s.tls:
+                self.ciphertext = Path(tempfile.mkdtemp(prefix="splitleak-demo-")) / "ciphertext"
+                proxy_proc, proxy_port = proxy.start_process(
+                    f"127.0.0.1:{cloud_port}", self.ciphertext, dataset=s.dataset, own_session=True
+                )
+            else:
+                proxy_proc, proxy_port = proxy.start_process(
+                    f"127.0.0.1:{cloud_port}", None, dataset=s.dataset, extra=["--feed", feed_to], own_session=True
+                )
             self.processes["proxy"] = proxy_proc
-            listener.settimeout(30)
-            connection, _ = listener.accept()  # the proxy connects before it says it listens
-        cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{proxy_port}"]
+            connection, _ = listener.accept()  # the feeding tap connects before it says it listens
+        cmd = [sys.executable, "-m", "splitleak.cli", "device", "--cloud", f"127.0.0.1:{proxy_port}", *tls]
         cmd += ["--model-dir", str(s.model_dir), "--dataset", s.dataset, "--limit", str(s.frames), "--loop"]
         cmd += ["--max-rate", str(s.max_rate), "--link", s.link, "--defence", s.defence, "--control", "-"]
         cmd += ["--records", "-", *(["--split", s.split] if s.split else [])]
@@ -161,7 +175,10 @@ class Simulation:
                 device.wait(5)
             except subprocess.TimeoutExpired:
                 pass  # process.stop sees to it
-        return {role: process.stop(self.processes[role]) for role in reversed(ROLES) if role in self.processes}
+        codes = {role: process.stop(self.processes[role]) for role in reversed(ROLES) if role in self.processes}
+        if self.ciphertext is not None:
+            shutil.rmtree(self.ciphertext.parent, ignore_errors=True)
+        return codes
 
     # Changes from the page.
 
@@ -223,6 +240,15 @@ class Simulation:
             f"$SPLITLEAK_DATA), the demo streams its faces and names who is in each."
         )
 
+    def _wire_note(self) -> str | None:
+        if self.settings.tls is None:
+            return None
+        return (
+            "Mutual TLS between device and cloud: the attacker's proxy holds no key the device trusts, so it relays "
+            "ciphertext it cannot read. The reconstructions below are the curious cloud's, which decrypts every "
+            "activation it is sent: TLS protects the wire, not the input."
+        )
+
     # What the page is sent.
 
     def config(self) -> dict:
@@ -236,6 +262,7 @@ class Simulation:
             attacks=self.attacks,
             gallery=self.attacker.gallery,
             identity_note=self._identity_note(),
+            wire=self._wire_note(),
             start=start,
         )
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from splitleak.core import data, defences, link, manifest, metrics
 from splitleak.core.options import number
+from splitleak.core.tls import Tls
 from splitleak.device.control import Control
 from splitleak.device.head import Head
 from splitleak.device.stream import STREAMS, Cloud, DeviceError, Stream
@@ -146,10 +147,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", type=Path, help="write the summary and every frame's record here, however the run ends"
     )
+    Tls.add_arguments(parser, "device")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    tls = Tls.from_args(args, "device")
     head = Head(args.model_dir, args.split, args.threads)
     try:
         defence = defences.build(args.defence, strength=args.strength, split=head.split)
@@ -168,13 +171,15 @@ def main(args: argparse.Namespace) -> int:
     code, why = 0, None
     restore = _stop_on_signals()
     try:
-        with Cloud(args.cloud, args.stream) as cloud:
+        with Cloud(args.cloud, tls, args.stream) as cloud:
             cloud.connect(head, CONNECT_S)
             if (refusal := cloud.refusal(defence, head)) is not None:
                 raise DeviceError(refusal)
+            wire = ", mutual TLS" if tls else ""
             print(
                 f"device: {len(indices)} frames of {dataset} through {head.served_name}, defence {defence.name} "
-                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud} ({cloud.describe()})",
+                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud}{wire} "
+                f"({cloud.describe()})",
                 flush=True,
             )
             while True:  # with --loop, the same frames again until stopped

@@ -31,6 +31,8 @@ import numpy as np
 
 from splitleak.core import codec, defences, link, transport
 from splitleak.core.records import FrameRecord
+from splitleak.core.tls import Tls
+from splitleak.core.tls import why_unreachable as tls_why_unreachable
 from splitleak.device.control import Control
 from splitleak.device.frames import MAX_UNANSWERED, Ledger, Pacer, Producer, complete
 from splitleak.device.head import Head
@@ -62,10 +64,16 @@ class _Break(Exception):
 
 
 def check_cloud(
-    stub: pb_grpc.GRPCInferenceServiceStub, head: Head, target: str, timeout_s: float, wait_for_ready: bool = True
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    head: Head,
+    target: str,
+    timeout_s: float,
+    wait_for_ready: bool = True,
+    tls: Tls | None = None,
 ) -> None:
-    """Fail with a clear message if the cloud is down or serves a different tail. `wait_for_ready`: wait up to
-    `timeout_s` for the cloud to come up; otherwise a refused connection fails at once."""
+    """Fail with a clear message if the cloud is down, speaks TLS where the device does not (or the other way round),
+    or serves a different tail. `wait_for_ready`: wait up to `timeout_s` for the cloud to come up; otherwise a
+    refused connection fails at once."""
     try:
         meta = stub.ModelMetadata(
             pb.ModelMetadataRequest(name=head.served_name), timeout=timeout_s, wait_for_ready=wait_for_ready
@@ -73,7 +81,8 @@ def check_cloud(
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
             raise DeviceError(f"the cloud at {target} does not serve {head.served_name}: {e.details()}") from e
-        raise DeviceError(f"cannot reach the cloud at {target}: {e.code().name} {e.details()}") from e
+        why = tls_why_unreachable(target, tls)
+        raise DeviceError(f"cannot reach the cloud at {target}: {why or e.code().name + ' ' + e.details()}") from e
     expected = [-1, *head.split.activation_shape]
     got = meta.inputs[0] if meta.inputs else None
     if got is None or list(got.shape) != expected or got.datatype != head.split.activation_datatype:
@@ -90,14 +99,17 @@ class Cloud:
     """The channel to the cloud (or a proxy in front of it), opened anew after a break: a fresh channel tries at
     once, where an old one may be waiting out gRPC's own reconnect backoff (up to two minutes).
 
+    `tls`: mutual TLS, as the cloud (or proxy) wants it; None: plaintext.
+
     `stream`: "triton" sends frames over Triton's ModelStreamInfer (splitleak's cloud and Triton have it), "off" one
     unary ModelInfer each (any OIP server has it: KServe has no streaming call, and MLServer's answers with another
     message type), "auto" picks by the server's name in ServerMetadata. `server` is that name ("" if not told)."""
 
-    def __init__(self, target: str, stream: str = "auto") -> None:
+    def __init__(self, target: str, tls: Tls | None = None, stream: str = "auto") -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream {stream!r}: expected one of {', '.join(STREAMS)}")
         self.target = target
+        self.tls = tls
         self.stream = stream
         self.server = ""
         self._channel: grpc.Channel | None = None
@@ -110,10 +122,10 @@ class Cloud:
     def connect(self, head: Head, timeout_s: float, wait_for_ready: bool = True) -> None:
         """Open a channel and check the cloud serves `head`'s tail (DeviceError if not)."""
         self.close()
-        self._channel = transport.channel(self.target)
+        self._channel = transport.channel(self.target, self.tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         try:
-            check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready)
+            check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready, self.tls)
             self.server = server_name(self.stub, timeout_s)
         except DeviceError:
             self.close()

@@ -18,10 +18,13 @@ COMMANDS = {
     "triton": ("splitleak.cloud.triton", "serve the tails on a stock NVIDIA Triton server (model repository, venv)"),
     "mlserver": ("splitleak.cloud.mlserver", "serve the tails on Seldon's MLServer (model repository, venv)"),
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
+    "shadows": ("splitleak.model.shadows", "train shadow models on random halves of a pool, for membership inference"),
+    "membership": ("splitleak.attacker.membership", "membership inference (LiRA, RMIA, loss) against shadow models"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
     "sweep": ("splitleak.study.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
     "recommend": ("splitleak.study.recommend", "the fastest split and defence within privacy and accuracy bounds"),
+    "tls": ("splitleak.certs", "make a throwaway CA and certificates for mutual TLS between device and cloud"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from splitleak import certs
 from splitleak.core import manifest
 from splitleak.core.process import dies_with_parent, start_cloud, stop
 
@@ -25,13 +26,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=manifest.DEFAULT_MODEL_DIR,
         help="an exported model folder (default: the shipped ResNet-20 on CIFAR-10)",
     )
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="mutual TLS between device and cloud, with the certificates in DIR (made there if it holds none)",
+    )
     parser.epilog = "Every other option is passed to `splitleak device` (see splitleak device --help)."
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    cloud, port = start_cloud([args.models])
-    print(f"cloud process {cloud.pid} listening on 127.0.0.1:{port}", flush=True)
+    tls = ["--tls", str(certs.ensure(args.tls))] if args.tls else []
+    cloud, port = start_cloud([args.models], tls)
+    print(f"cloud process {cloud.pid} listening on 127.0.0.1:{port}{', mutual TLS' if tls else ''}", flush=True)
     try:
         cmd = [
             sys.executable,
@@ -42,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
             f"127.0.0.1:{port}",
             "--model-dir",
             str(args.models),
+            *tls,
             *args.forward,
         ]
         return subprocess.run(cmd, preexec_fn=dies_with_parent()).returncode

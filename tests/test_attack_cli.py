@@ -41,6 +41,7 @@ def test_splitleak_attack_shadow_inverts_a_real_capture_with_the_auxiliary_label
     summary = json.loads((tmp_path / "out" / "resnet20-cifar10.stem" / "summary.json").read_text())["summary"]
     assert summary["frames"] == FRAMES
     assert summary["auxiliary"] == {"dataset": "cifar10", "images": 500}
-    assert summary["knobs"] == {"epochs": 4, "steps": 200}
+    # What ran: the knobs given, and the defaults of the rest.
+    assert summary["knobs"] == {"epochs": 4, "batch_size": 64, "lr": 1e-3, "steps": 200, "tv_weight": 0.0, "seed": 0}
     assert summary["psnr_mean"] > 18.5
     assert summary["ssim_mean"] > 0.66

@@ -172,3 +172,28 @@ def test_a_failing_consumer_is_counted_and_the_writer_still_gets_every_request(t
     assert isinstance(sink.last_error, RuntimeError)
     got = capture.read(tmp_path)
     assert len(got.records) == 3 and got.meta["errors"] == 3 and got.meta["dropped"] == 0
+
+
+def test_a_full_disk_is_reported_as_it_happens_and_the_meta_still_gets_its_counts(tmp_path):
+    writer = capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=None)
+    warnings: list[str] = []
+    sink = capture.CaptureSink(writer, warn=warnings.append)
+    sink.put(request_bytes(activation(0), frame_id=0), 0)
+    deadline = time.monotonic() + 10
+    while writer.records < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The disk fills up: from here on every write gets the kernel's ENOSPC (/dev/full), unbuffered as a flush is.
+    writer._file.close()
+    writer._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - the writer closes it
+    for i in range(1, 4):
+        sink.put(request_bytes(activation(i), frame_id=i), i)
+    deadline = time.monotonic() + 10
+    while sink.errors < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(warnings) == 1  # as it happened, once, not a line per request
+    assert "No space left on device" in warnings[0] and "a copy was not kept (1 so far)" in warnings[0]
+    sink.close()
+
+    got = capture.read(tmp_path)
+    assert [r.frame_id for r in got.records] == [0]
+    assert (got.meta["records"], got.meta["errors"], got.meta["dropped"]) == (1, 3, 0)

@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from splitleak.core import manifest
+from splitleak.core import capture, codec, manifest
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,12 @@ def test_an_attack_on_a_missing_or_broken_capture_gets_one_line(tmp_path):
     (tmp_path / "cap").mkdir()
     (tmp_path / "cap" / "meta.json").write_text("{broken")
     assert_one_clear_line(run("attack", "--capture", str(tmp_path / "cap"), "--attack", "decoder"), "cap")
+
+
+def test_an_attack_on_a_model_exported_elsewhere_asks_for_model_dir(tmp_path):
+    activation = np.zeros((1, 16, 32, 32), np.float32)
+    request = codec.encode_request("mymodel.stem", {"activation": activation}, parameters={"frame_id": 0})
+    with capture.CaptureWriter(tmp_path / "cap", tap="proxy", dataset="cifar10", cloud=None) as writer:
+        writer.write(request.SerializeToString(), 0)
+    done = run("attack", "--capture", str(tmp_path / "cap"), "--attack", "decoder")
+    assert_one_clear_line(done, "mymodel", "neither in", "give --model-dir")

@@ -175,6 +175,32 @@ def test_faces_mode_shows_whom_the_attacker_takes_each_reconstructed_face_for(tm
 
 
 @needs_chromium
+def test_with_mutual_tls_the_page_says_the_proxy_sees_ciphertext_and_shows_the_curious_cloud_s_reconstructions(
+    tmp_path,
+):
+    from playwright.sync_api import sync_playwright
+
+    demo, url = start_demo("--faces", "--dataset", "embedded-faces", "--tls", str(tmp_path / "certs"))
+    try:
+        with sync_playwright() as p:
+            browser, page, errors = open_page(p, tmp_path)
+            page.goto(url)
+            wait_for_reconstructions(page, 5)  # fed by the cloud: the proxy has only ciphertext
+            wire = page.inner_text("#wire")
+            assert wire.startswith("Mutual TLS between device and cloud: the attacker's proxy holds no key"), wire
+            assert "The reconstructions below are the curious cloud's" in wire
+            scores = page.inner_text(".attack[data-attack=decoder] .scores")
+            assert re.fullmatch(r"PSNR \d+\.\d dB · SSIM -?\d\.\d{3}", scores), scores
+            page.screenshot(path=ARTIFACTS / "demo-tls.png", full_page=True)
+            assert errors == []
+            browser.close()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0
+    assert (tmp_path / "certs" / "ca.pem").exists()
+
+
+@needs_chromium
 def test_faces_mode_on_scikit_images_faces_says_why_it_names_no_one(tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -29,6 +29,7 @@ LAYERS = {
     "splitleak.model": 1,
     "splitleak.device": 1,
     "splitleak.cloud": 1,
+    "splitleak.certs": 1,  # `splitleak tls make`: certificates, on the core alone
     "splitleak.attacker": 2,
     "splitleak.study": 3,
     "splitleak.demo": 3,

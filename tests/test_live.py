@@ -15,11 +15,11 @@ import onnx
 import pytest
 from conftest import EXPORTED_SPLITS
 
-from splitleak.attacker import feed, live, proxy
+from splitleak.attacker import live, proxy
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.replay import auxiliary_images
-from splitleak.core import capture, codec, data, manifest
+from splitleak.core import capture, codec, data, feed, manifest
 from splitleak.core.process import stop
 from splitleak.protos import inference_pb2 as pb
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from splitleak import cli
-from splitleak.core import link
+from splitleak.core import data, link
 from splitleak.study import plots, recommend, rows, sweep
 
 SPLITS = ("layer1", "layer3")
@@ -190,3 +190,19 @@ def test_rmle_that_knows_the_dropout_beats_rmle_that_does_not(tiny_model_dir):
     plain = build("rmle", manifest=m, split="stem", steps=60).invert(tensors["activation"])
     aware = build("rmle", manifest=m, split="stem", steps=60, defence="dropout", strength=0.5)
     assert scoring.psnr(victims, aware.invert(tensors["activation"])).mean() > scoring.psnr(victims, plain).mean() + 3
+
+
+@pytest.mark.slow
+def test_a_sweep_over_mutual_tls_measures_the_same_frames_with_the_wire_encrypted(shipped_model_dir, tmp_path):
+    def one(*extra: str) -> rows.SweepRow:
+        out = tmp_path / ("tls" if extra else "plain")
+        options = ["--split", "layer3", "--defence", "none", "--attack", "rmle", "--knob", "rmle.steps=5"]
+        options += ["--dataset", "cifar10", "--frames", "20", "--attack-frames", "4", "--no-plots", "--out", str(out)]
+        assert cli.main(["sweep", "--model-dir", str(shipped_model_dir), *options, "--link", "loopback", *extra]) == 0
+        (row,) = rows.read_json(out / "sweep.json")
+        return row
+
+    plain, over_tls = one(), one("--tls")
+    assert (over_tls.accuracy, over_tls.bytes_up) == (plain.accuracy, plain.bytes_up)
+    assert over_tls.attacks["rmle"] == plain.attacks["rmle"]  # the cloud decrypts: the attacker there loses nothing
+    assert (data.cache_dir() / "tls" / "ca.pem").exists()

@@ -208,3 +208,14 @@ def cache_path(attack: str, manifest: Manifest, split: str, knobs: dict, auxilia
     path = data.cache_dir() / "attacks" / f"{attack}-{manifest.name}-{split}-{head}-{key.hexdigest()[:16]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def to_torch(path: Path) -> nn.Module:
+    """The ONNX file at `path` as a torch module (onnx2torch), in eval mode, for the attacks that need gradients.
+
+    Handed the loaded model, not its path: given a path, onnx2torch writes a temporary file beside it (for shape
+    inference), which would fail in a read-only install and write into the model folder otherwise."""
+    import onnx
+    import onnx2torch
+
+    return onnx2torch.convert(onnx.load(str(path))).eval()

@@ -28,13 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx2torch
 import torch
 import torch.nn.functional as F
 from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 from torch import fx, nn
 
-from splitleak.attacker.attacks.base import Attack, adaptive_knobs, cache_path, check_not_negative, check_positive
+from splitleak.attacker.attacks.base import (
+    Attack,
+    adaptive_knobs,
+    cache_path,
+    check_not_negative,
+    check_positive,
+    to_torch,
+)
 from splitleak.attacker.attacks.rmle import total_variation
 from splitleak.core import defences
 
@@ -138,7 +144,7 @@ class DivideAndConquerInversion(Attack):
         super().__init__(**given)
         manifest, split, k = self.manifest, self.split.name, self.knobs
         self._rng = np.random.default_rng(k.seed)
-        head = onnx2torch.convert(str(self.split.head)).eval()
+        head = to_torch(self.split.head)
         head.requires_grad_(False)
         self.batch_norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm | OnnxBatchNorm)]
         if not self.batch_norms:

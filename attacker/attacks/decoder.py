@@ -85,8 +85,13 @@ class InverseNetwork(Attack):
         optimizer = torch.optim.Adam(self.decoder.parameters(), lr=self.knobs.lr)
         steps = -(-len(auxiliary) // batch_size)
         self.decoder.train()
-        for _ in tqdm(range(epochs), desc=f"{self.name} at {self.split.name}", disable=not self.progress):
+        # Counted in batches, not epochs, so that the bar moves and its ETA holds from the first seconds on.
+        bar = tqdm(
+            total=epochs * steps, desc=f"{self.name} at {self.split.name}", unit="batch", disable=not self.progress
+        )
+        for epoch in range(epochs):
             order = rng.permutation(len(auxiliary))
+            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}")
             for step in range(steps):
                 images = auxiliary[order[step * batch_size : (step + 1) * batch_size]]
                 # Queried afresh each epoch rather than stored: at early split points the activations of a full
@@ -98,6 +103,8 @@ class InverseNetwork(Attack):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                bar.update()
+        bar.close()
 
     @torch.inference_mode()
     def _invert(self, activations: np.ndarray) -> np.ndarray:

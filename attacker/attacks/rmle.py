@@ -30,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx2torch
 import torch
 
-from splitleak.attacker.attacks.base import Attack, check_not_negative, check_positive
+from splitleak.attacker.attacks.base import Attack, check_not_negative, check_positive, to_torch
 from splitleak.core import defences
 
 
@@ -67,7 +66,7 @@ class RegularizedMLE(Attack):
                 f"rmle cannot model the {self.defence.name} defence: its class declares no `received` form "
                 "(splitleak.core.defences.Received)"
             )
-        self.head = onnx2torch.convert(str(self.split.head)).eval()
+        self.head = to_torch(self.split.head)
         self.head.requires_grad_(False)
         self.mean = torch.from_numpy(self.manifest.mean)[:, None, None]
         self.std = torch.from_numpy(self.manifest.std)[:, None, None]

@@ -23,11 +23,10 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import onnx2torch
 import torch
 import torch.nn.functional as F
 
-from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, model_input
+from splitleak.attacker.attacks.base import Attack, cache_path, check_positive, model_input, to_torch
 from splitleak.attacker.attacks.rmle import RegularizedMLE
 from splitleak.model import zoo
 from splitleak.model.export import export_onnx
@@ -87,7 +86,7 @@ class ShadowModel(Attack):
         shadow, _ = zoo.split(
             zoo.build(self.manifest.model, num_classes=len(self.manifest.classes), in_channels=c), self.split.name
         )
-        tail = onnx2torch.convert(str(self.split.tail)).eval()  # eval: its batch norms keep the cloud's statistics
+        tail = to_torch(self.split.tail)  # eval: its batch norms keep the cloud's statistics
         tail.requires_grad_(False)
         optimizer = torch.optim.Adam(shadow.parameters(), lr=k.lr)
         shadow.train()

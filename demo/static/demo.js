@@ -384,6 +384,8 @@ function buildControls() {
   $("model").textContent = `${config.model} · frames from ${config.dataset}`;
   $("identity-note").hidden = !config.identity_note;
   $("identity-note").textContent = config.identity_note || "";
+  $("wire").hidden = !config.wire;
+  $("wire").textContent = config.wire || "";
   $("recognisable-ssim").textContent = config.recognisable_ssim;
   const splits = Object.entries(config.splits);
   const attacked = (split) => Object.values(config.attacks).some((a) => split in a.held_out);

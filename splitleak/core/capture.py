@@ -21,10 +21,12 @@ private input behind each activation, the ground truth an attack is scored again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import struct
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +45,8 @@ FORMAT = "splitleak-capture"
 VERSION = 1
 TAPS = ("proxy", "cloud")
 RECORD_HEADER = struct.Struct("<Iq")  # length of the request in bytes, captured_ns
+
+WARN_EVERY = 1000
 
 # Called with every captured request (serialized ModelInferRequest) and the wall clock (ns) when the tap saw it.
 OnCapture = Callable[[bytes, int], None]
@@ -70,23 +74,32 @@ class CaptureWriter:
             "dataset": dataset,
         }
         self.records = 0
+        self._closed = False
+        self._failure: BaseException | None = None  # what stopped the writes (a full disk, say)
         self._write_meta()
 
     def write(self, request_bytes: bytes, captured_ns: int) -> None:
+        if self._failure is not None:
+            raise OSError(f"{self.path} stopped taking records after {self.records}: {self._failure}")
         try:
             self._file.write(RECORD_HEADER.pack(len(request_bytes), captured_ns))
             self._file.write(request_bytes)
             self._file.flush()
-        except BaseException:
+        except BaseException as e:
             # A half-written record must stay the last one, or every record after it would be misread.
-            self._file.close()
+            self._failure = e
+            with contextlib.suppress(OSError):  # closing flushes what the failed write left, and fails the same way
+                self._file.close()
             raise
         self.records += 1
 
     def close(self) -> None:
-        if self._file.closed:
+        """Close the file and write the counts into meta.json, also after a write failed (a full disk, say)."""
+        if self._closed:
             return
-        self._file.close()
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._file.close()
         self.meta["records"] = self.records
         self._write_meta()
 
@@ -111,7 +124,12 @@ class CaptureSink:
     """
 
     def __init__(
-        self, writer: CaptureWriter | None = None, *, maxsize: int = 1024, on_capture: list[OnCapture] | None = None
+        self,
+        writer: CaptureWriter | None = None,
+        *,
+        maxsize: int = 1024,
+        on_capture: list[OnCapture] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
@@ -121,6 +139,8 @@ class CaptureSink:
         self.dropped = 0  # not kept: the queue was full
         self.errors = 0  # a consumer raised; the others still got the request
         self.last_error: Exception | None = None
+        # Told of a failing consumer as it happens (the first time, then every WARN_EVERY), not only at the end.
+        self.warn = warn or (lambda line: print(f"capture: {line}", file=sys.stderr, flush=True))
         self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue(maxsize=maxsize)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, name="capture-sink", daemon=True)
@@ -162,6 +182,10 @@ class CaptureSink:
                 except Exception as e:  # noqa: BLE001 - one failing consumer must not stop the others
                     self.errors += 1
                     self.last_error = e
+                    if self.errors == 1 or self.errors % WARN_EVERY == 0:
+                        self.warn(
+                            f"a copy was not kept ({self.errors} so far): {e}; the traffic itself goes on untouched"
+                        )
             self.captured += 1
 
     def __enter__(self) -> CaptureSink:
@@ -270,6 +294,12 @@ def read(path: str | Path) -> Capture:
         raise ValueError(
             f"{path} is not a version {VERSION} {FORMAT} (meta.json says {meta.get('format')!r} "
             f"version {meta.get('version')!r})"
+        )
+    if meta.get("encrypted"):
+        raise ValueError(
+            f"{path} holds only TLS ciphertext ({meta.get('bytes_up')} bytes from devices): the proxy had no key the "
+            f"device trusts, so there is nothing to invert; the cloud itself (splitleak cloud --record) still sees "
+            f"every activation"
         )
     buffer = (path / "requests.bin").read_bytes()
     raw, end = _split(buffer)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from splitleak.core.options import number
+from splitleak.core.tls import Tls
 
 MAX_STREAMS = 256
 MAX_STREAMS_PER_CONNECTION = 16
@@ -221,10 +222,13 @@ async def send(context: grpc.aio.ServicerContext, message: bytes, timeout_s: flo
         raise Stalled() from None
 
 
-def listen(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind `server` to host:port (0: any free port); returns the port. OSError, in one line, if it cannot."""
+def listen(server: grpc.aio.Server, host: str, port: int, tls: Tls | None = None) -> int:
+    """Bind `server` to host:port (0: any free port), with mutual TLS if given; returns the port. OSError, in one
+    line, if it cannot."""
     check_port(host, port)
     try:
+        if tls is not None:
+            return server.add_secure_port(f"{host}:{port}", tls.server_credentials())
         return server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         raise OSError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from splitleak.core.tls import Tls
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "inference.GRPCInferenceService"
 
@@ -45,5 +47,8 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(target: str) -> grpc.Channel:
+def channel(target: str, tls: Tls | None = None) -> grpc.Channel:
+    """A channel to `target`, with mutual TLS if given."""
+    if tls is not None:
+        return grpc.secure_channel(target, tls.channel_credentials(), options=OPTIONS)
     return grpc.insecure_channel(target, options=OPTIONS)

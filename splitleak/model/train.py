@@ -89,6 +89,11 @@ def prepare_data(config: TrainConfig, base: Checkpoint | None) -> TrainingData:
         mean, std = channel_mean_std(train_set.images)
     else:  # the base model's normalisation, which its weights expect
         mean, std = base.mean, base.std
+    return training_data(train_set, test_set, mean, std)
+
+
+def training_data(train_set: data.Dataset, test_set: data.Dataset, mean: np.ndarray, std: np.ndarray) -> TrainingData:
+    """Two splits as the model takes them, normalised by `mean` and `std`."""
     return TrainingData(
         x_train=to_tensor(train_set.images, mean, std),
         y_train=torch.from_numpy(train_set.labels),

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitleak import certs
 from splitleak.core import data, link, manifest, process
 from splitleak.core.records import FrameRecord
 from splitleak.study.rows import LATENCY_STAGES, AttackScores, Latency, SweepRow, write_csv, write_json
@@ -82,6 +83,7 @@ class Settings:
     aux_images: int  # auxiliary train-split images for the attacks that query the head
     seed: int = 0
     knobs: dict = field(default_factory=dict)  # attack -> knob overrides, on top of ATTACK_KNOBS
+    tls: bool = False  # device and cloud speak mutual TLS (certificates made once, in the cache)
 
     def knobs_of(self, attack: str) -> dict:
         return {**ATTACK_KNOBS.get(attack, {}), **self.knobs.get(attack, {})}
@@ -170,6 +172,7 @@ def _model_key(model_dir: Path, split: str) -> str:
 def cache_path(config: Config, settings: Settings, what: str) -> Path:
     folder = data.cache_dir() / "sweep" / _model_key(config.model_dir, config.split)
     key = _key(config.split, config.defence, config.strength, settings.dataset, settings.frames, settings.seed)
+    key += "-tls" if settings.tls else ""
     path = folder / f"{config.defence}-{config.strength:g}-{key}" / f"{what}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -181,9 +184,10 @@ def cache_path(config: Config, settings: Settings, what: str) -> Path:
 def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[FrameRecord], Path]:
     """Stream the frames from a device process to a recording cloud process; (the device's records, capture)."""
     capture_dir, out = workdir / "capture", workdir / "device.json"
+    tls = ["--tls", str(certs.ensure(data.cache_dir() / "tls"))] if settings.tls else []
     with open(workdir / "cloud.log", "w") as log:  # the cloud's own messages, kept off the progress bar
         cloud, port = process.start_cloud(
-            [config.model_dir], ["--record", str(capture_dir), "--dataset", settings.dataset], stderr=log
+            [config.model_dir], ["--record", str(capture_dir), "--dataset", settings.dataset, *tls], stderr=log
         )
     try:
         cmd = [
@@ -197,6 +201,7 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[
             "--limit", str(settings.frames),
             "--seed", str(settings.seed),
             "--json", str(out),
+            *tls,
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=process.dies_with_parent())
         if done.returncode != 0:
@@ -438,6 +443,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="an attack's knob (see splitleak attack --help), e.g. decoder.epochs=5; repeat for several",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="device and cloud speak mutual TLS: what it costs per frame, against a sweep without",
+    )
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="where the table and the plots go")
     parser.add_argument("--no-plots", action="store_true")
     return parser
@@ -462,7 +472,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
     frames = min(args.attack_frames, args.frames)
-    settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs)
+    settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs, args.tls)
     start = time.perf_counter()
     try:
         table = sweep(

@@ -1,6 +1,7 @@
 """The live feed: what a tap captures, sent as it happens to one consumer over a TCP connection.
 
-`splitleak attacker proxy --feed HOST:PORT` connects to a consumer listening there (the live attack demo, say) and
+`splitleak attacker proxy --feed HOST:PORT` and `splitleak cloud --feed HOST:PORT` connect to a consumer listening
+there (the live attack demo, say) and
 sends it every request it captures, framed exactly as the records of a capture's `requests.bin`
 (splitleak.core.capture: a little-endian `uint32` length, an `int64` captured_ns, then the serialized
 `inference.ModelInferRequest`), so whatever reads a capture reads the feed. Nothing is written to disk, so a tap can
