@@ -42,7 +42,7 @@ test-fast: install  ## the quick loop: everything but what trains, streams many 
 test-firefox: install /usr/bin/firefox-esr  ## the demo's page in a real Firefox
 	$(BIN)/pytest tests/test_demo.py -k firefox
 
-bench: install triton-venv  ## the benchmarks in bench/, side by side against their baselines
+bench: install triton-venv mlserver-venv  ## the benchmarks in bench/, side by side against their baselines
 	$(BIN)/pytest bench -o python_files="bench_*.py" --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
 
 lint: install  ## ruff check and ruff format --check, as CI runs them
