@@ -38,8 +38,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
 from splitleak.cloud import wire
-from splitleak.cloud.tail import InferError, Tail, load_tails
-from splitleak.core import codec, defences, manifest, serving, transport
+from splitleak.cloud.tail import InferError, Tail, add_models_argument, load_tails
+from splitleak.core import codec, defences, serving, transport
 from splitleak.core.serving import quote
 from splitleak.core.tls import Tls
 from splitleak.protos import inference_pb2 as pb
@@ -289,13 +289,7 @@ async def drain(server: grpc.aio.Server, service: InferenceService, health_servi
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models",
-        type=Path,
-        nargs="+",
-        default=[manifest.DEFAULT_MODEL_DIR],
-        help="exported model folders (default: the shipped ResNet-20 on CIFAR-10)",
-    )
+    add_models_argument(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=serving.port_number, default=8001, help="0 picks a free port and prints it")
     parser.add_argument(

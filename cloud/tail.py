@@ -4,6 +4,7 @@ refusal is an InferError with the status and the message the client gets, its ow
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,17 @@ from splitleak.core.serving import quote, quote_all
 from splitleak.protos import inference_pb2 as pb
 
 MAX_BATCH = 256
+
+
+def add_models_argument(parser: argparse.ArgumentParser) -> None:
+    """`--models`: the exported model folders whose tails a server serves."""
+    parser.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[manifest.DEFAULT_MODEL_DIR],
+        help="exported model folders (default: the shipped ResNet-20 on CIFAR-10)",
+    )
 
 
 class InferError(Exception):

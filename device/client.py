@@ -18,6 +18,10 @@ The defence (`--defence NAME --strength S`, splitleak.core.defences; `none` by d
 it leaves the device, and its name and strength travel in every request: the cloud needs neither, but captures show
 what was applied, as an adaptive attacker would know it.
 
+Any Open Inference Protocol server can be the cloud (`--stream`, splitleak.device.stream): on a stock server such as
+Triton (`splitleak triton serve`), which reports no times, the stage table has "network + cloud" in place of uplink,
+cloud and downlink, and a defence that changes the activation's form is refused in one line before the first frame.
+
 Driven from outside (as `splitleak demo` drives it): `--loop` sends the frames again and again, `--max-rate` paces
 them like a camera, `--control -` takes split, link and defence changes between frames (splitleak.device.control), and
 `--records -` writes each frame's record as a JSON line the moment its answer is back.
@@ -41,7 +45,7 @@ from splitleak.core.tls import Tls
 from splitleak.device import compute as device_compute
 from splitleak.device.control import Control
 from splitleak.device.head import Head
-from splitleak.device.stream import Cloud, DeviceError, Stream
+from splitleak.device.stream import STREAMS, Cloud, DeviceError, Stream
 
 CONNECT_S = 10.0  # how long the first connection may take: the cloud may still be starting
 
@@ -105,6 +109,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=number(at_least=0),
         default=30.0,
         help="when the cloud goes away, keep trying to reconnect for this long, then give up; 0: give up at once",
+    )
+    parser.add_argument(
+        "--stream",
+        default="auto",
+        choices=STREAMS,
+        help="triton: Triton's ModelStreamInfer; off: one ModelInfer a frame (any OIP server); auto: triton for "
+        "splitleak's cloud and Triton, off for other servers",
     )
     parser.add_argument("--loop", action="store_true", help="send the frames again and again until stopped")
     parser.add_argument(
@@ -193,12 +204,15 @@ def main(args: argparse.Namespace) -> int:
     code, why = 0, None
     restore = _stop_on_signals()
     try:
-        with Cloud(args.cloud, tls) as cloud:
+        with Cloud(args.cloud, tls, args.stream) as cloud:
             cloud.connect(head, CONNECT_S)
+            if (refusal := cloud.refusal(defence, head)) is not None:
+                raise DeviceError(refusal)
             wire = ", mutual TLS" if tls else ""
             print(
                 f"device: {len(indices)} frames of {dataset} through {head.served_name}, defence {defence.name} "
-                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud}{wire}",
+                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud}{wire} "
+                f"({cloud.describe()})",
                 flush=True,
             )
             while True:  # with --loop, the same frames again until stopped
@@ -251,6 +265,7 @@ def main(args: argparse.Namespace) -> int:
             "defence": {"name": defence.name, "strength": defence.strength},
             "reconnect_s": args.reconnect_s,
             "compute": slow.to_json(),
+            "stream": args.stream,
         }
         frames = [record.to_json() for record in records]
         outcome = {"exit": code, "error": why}

@@ -14,8 +14,10 @@ after which the producer waits for answers: frames are never dropped, the rate f
 
 Stage times: preprocess, head, defence and encode are timed on the device; uplink is from the device handing the
 request to the link until the cloud received it, cloud is what the cloud reports, downlink is from the cloud sending
-the answer until it arrived. Uplink and downlink compare the device's and the cloud's wall clocks, so they are exact
-only when both share a clock (the same machine, as in every run here) or are synchronised.
+the answer until it arrived; from a cloud that reports no times (a stock OIP server), "network + cloud" is from the
+device handing the request to the link until the answer arrived. Uplink and downlink compare the device's and the
+cloud's wall clocks, so they are exact only when both share a clock (the same machine, as in every run here) or are
+synchronised.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from splitleak.device.control import Control
 from splitleak.device.head import Head
 from splitleak.protos import inference_pb2 as pb
 
+CLOUD_TIMES = ("cloud_recv_ns", "cloud_send_ns", "cloud_compute_ms")  # what splitleak's cloud reports (core.codec)
 MAX_UNANSWERED = 1024  # frames; 64 MiB of the largest activation here (ResNet-20's stem, 64 KiB)
 
 
@@ -81,22 +84,32 @@ def prepare(
 
 
 def complete(record: FrameRecord, response: pb.ModelStreamInferResponse, downlink: link.Link) -> FrameRecord:
-    """The frame's record with the cloud's answer, once the answer has crossed the downlink; or with its error."""
+    """The frame's record with the cloud's answer, once the answer has crossed the downlink; or with its error.
+
+    A cloud that does not report its times (a stock server: CLOUD_TIMES are splitleak's own parameters) gets the
+    downlink from the answer's arrival, and the record the time from sending to that as "network + cloud"."""
     if response.error_message:
         return replace(record, error=response.error_message)
     params = codec.get_parameters(response.infer_response.parameters)
-    _sleep_until(downlink.arrival(response.ByteSize(), params["cloud_send_ns"] / 1e9))
+    timed = all(isinstance(params.get(key), int | float) for key in CLOUD_TIMES)
+    sent_ns = params["cloud_send_ns"] if timed else time.time_ns()
+    _sleep_until(downlink.arrival(response.ByteSize(), sent_ns / 1e9))
     end_ns = time.time_ns()
     logits = codec.decode_response(response.infer_response)["logits"]
-    return replace(
+    answered = replace(
         record,
         prediction=int(logits[0].argmax()),
         bytes_down=response.ByteSize(),
         end_ns=end_ns,
+        total_ms=(end_ns - record.start_ns) / 1e6,
+    )
+    if not timed:
+        return replace(answered, network_cloud_ms=(end_ns - record.device_send_ns) / 1e6)
+    return replace(
+        answered,
         uplink_ms=(params["cloud_recv_ns"] - record.device_send_ns) / 1e6,
         cloud_ms=params["cloud_compute_ms"],
         downlink_ms=(end_ns - params["cloud_send_ns"]) / 1e6,
-        total_ms=(end_ns - record.start_ns) / 1e6,
     )
 
 
@@ -177,6 +190,11 @@ class Ledger:
         closed.set()
         with self._changed:
             self._changed.notify_all()
+
+    def sent(self, request_id: str) -> bool:
+        """Whether a frame of this id was ever made (answered or not)."""
+        with self._changed:
+            return request_id in self._records
 
     def record(self, request_id: str) -> FrameRecord | None:
         """The record of a frame awaiting its answer; None for one already answered (counted: a duplicate)."""

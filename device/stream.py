@@ -1,5 +1,9 @@
 """The device's stream to the cloud over Triton's ModelStreamInfer, carried across breaks: no frame lost or doubled.
 
+Any Open Inference Protocol server will do: splitleak's cloud and Triton take the stream; a server without it (or
+whose streaming call is not Triton's) gets one unary ModelInfer a frame (`Cloud`'s `stream`). A stock server takes
+only the FP32 activation, so a defence that sends another form is refused before the first frame (`Cloud.refusal`).
+
 A break is the cloud (or a proxy in front of it) going away: the call fails (UNAVAILABLE, a connection reset: any
 status but those that say the request itself is wrong, FATAL), or it ends before every frame is answered, or the
 cloud answers a frame in-band with an `error_message` that begins "UNAVAILABLE", as a draining cloud rejects what it
@@ -25,7 +29,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from splitleak.core import defences, link, transport
+from splitleak.core import codec, defences, link, transport
 from splitleak.core.records import FrameRecord
 from splitleak.core.tls import Tls
 from splitleak.core.tls import why_unreachable as tls_why_unreachable
@@ -87,15 +91,33 @@ def check_cloud(
         )
 
 
+STREAMS = ("auto", "triton", "off")  # the device's --stream choices
+STREAMING_SERVERS = ("splitleak", "triton")  # servers whose ModelStreamInfer is Triton's (ModelStreamInferResponse)
+
+
 class Cloud:
     """The channel to the cloud (or a proxy in front of it), opened anew after a break: a fresh channel tries at
-    once, where an old one may be waiting out gRPC's own reconnect backoff (up to two minutes)."""
+    once, where an old one may be waiting out gRPC's own reconnect backoff (up to two minutes).
 
-    def __init__(self, target: str, tls: Tls | None = None) -> None:
+    `tls`: mutual TLS, as the cloud (or proxy) wants it; None: plaintext.
+
+    `stream`: "triton" sends frames over Triton's ModelStreamInfer (splitleak's cloud and Triton have it), "off" one
+    unary ModelInfer each (any OIP server has it: KServe has no streaming call, and MLServer's answers with another
+    message type), "auto" picks by the server's name in ServerMetadata. `server` is that name ("" if not told)."""
+
+    def __init__(self, target: str, tls: Tls | None = None, stream: str = "auto") -> None:
+        if stream not in STREAMS:
+            raise ValueError(f"stream {stream!r}: expected one of {', '.join(STREAMS)}")
         self.target = target
         self.tls = tls
+        self.stream = stream
+        self.server = ""
         self._channel: grpc.Channel | None = None
         self.stub: pb_grpc.GRPCInferenceServiceStub | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream == "triton" or (self.stream == "auto" and self.server in STREAMING_SERVERS)
 
     def connect(self, head: Head, timeout_s: float, wait_for_ready: bool = True) -> None:
         """Open a channel and check the cloud serves `head`'s tail (DeviceError if not)."""
@@ -104,9 +126,34 @@ class Cloud:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         try:
             check_cloud(self.stub, head, self.target, timeout_s, wait_for_ready, self.tls)
+            self.server = server_name(self.stub, timeout_s)
         except DeviceError:
             self.close()
             raise
+
+    def describe(self) -> str:
+        """Which server this is and how frames go to it, for the device's first line."""
+        server = self.server or "an OIP server that does not say which"
+        how = "over Triton's ModelStreamInfer" if self.streaming else "one ModelInfer a frame"
+        return f"{server}, {how}" + (", picked by --stream auto" if self.stream == "auto" else "")
+
+    def refusal(self, defence: defences.Defence, head: Head) -> str | None:
+        """Why this cloud cannot take what `defence` sends, or None. splitleak's cloud restores every defended form;
+        any other server takes only what its model's metadata declares: the FP32 activation alone, no form."""
+        if self.server == "splitleak":
+            return None
+        tensors, form = defence.apply(np.zeros((1, *head.split.activation_shape), np.float32), np.random.default_rng())
+        activation = tensors.get("activation")
+        if set(tensors) == {"activation"} and activation.dtype == np.float32 and not form:
+            if activation.shape[1:] == head.split.activation_shape:
+                return None
+        sent = ", ".join(f"{codec.datatype_of(t)} {name!r} {list(t.shape[1:])}" for name, t in tensors.items())
+        return (
+            f"defence {defence.name} sends {sent}{' with parameters ' + ', '.join(form) if form else ''}; "
+            f"{self.server or 'the server'} at {self.target} takes only what its model declares, FP32 'activation' "
+            f"{list(head.split.activation_shape)}: use splitleak's cloud for this defence, or one that keeps the "
+            "FP32 activation (noise, dropout)"
+        )
 
     def close(self) -> None:
         """Close the channel, which cancels any call on it."""
@@ -119,6 +166,14 @@ class Cloud:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def server_name(stub: pb_grpc.GRPCInferenceServiceStub, timeout_s: float) -> str:
+    """The server's name from ServerMetadata ("splitleak", "triton", ...); "" for one that does not answer it."""
+    try:
+        return stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s).name
+    except grpc.RpcError:
+        return ""
 
 
 class Stream:
@@ -182,6 +237,8 @@ class Stream:
 
     def _stream(self) -> str | None:
         """One call: None once every frame is answered, or why it broke."""
+        if not self.cloud.streaming:
+            return self._unary()
         closed = threading.Event()
         call = self.cloud.stub.ModelStreamInfer(self.ledger.requests(closed))
         why = "the cloud ended the stream"
@@ -195,6 +252,11 @@ class Stream:
                 if self.ledger.finished():
                     return None
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise DeviceError(
+                    f"the cloud at {self.cloud.target} has no Triton ModelStreamInfer ({e.details()}); "
+                    "send one ModelInfer a frame with --stream off"
+                ) from e
             if e.code() in FATAL:
                 raise DeviceError(
                     f"the cloud at {self.cloud.target} refused the stream: {e.code().name} {e.details()}"
@@ -205,8 +267,37 @@ class Stream:
             call.cancel()
         return None if self.ledger.finished() else why
 
+    def _unary(self) -> str | None:
+        """The frames one ModelInfer each, in order (so one in flight at a time, whatever the rate): None once every
+        frame is answered, or why it broke. A refused frame is answered with its status, as an in-band error."""
+        closed = threading.Event()
+        try:
+            for request in self.ledger.requests(closed):
+                try:
+                    answer = pb.ModelStreamInferResponse(infer_response=self.cloud.stub.ModelInfer(request))
+                except grpc.RpcError as e:
+                    if e.code() not in FATAL:
+                        return f"{e.code().name} {e.details()}"
+                    error = f"{e.code().name}: {e.details()}"
+                    answer = pb.ModelStreamInferResponse(
+                        error_message=error, infer_response=pb.ModelInferResponse(id=request.id)
+                    )
+                self._answer(answer)
+                if self.ledger.finished():
+                    return None
+        finally:
+            self.ledger.close(closed)
+        return None if self.ledger.finished() else "the requests ended unanswered"
+
     def _answer(self, response: pb.ModelStreamInferResponse) -> None:
         request_id = response.infer_response.id
+        if not self.ledger.sent(request_id):
+            # MLServer's stream answers with bare ModelInferResponses: read as Triton's, the model's name lands in
+            # error_message and no answer names a frame. Nothing that follows would either.
+            raise DeviceError(
+                f"the cloud at {self.cloud.target} answered a frame it was never sent (id {request_id[:40]!r}, "
+                f"error {response.error_message[:80]!r}): its ModelStreamInfer is not Triton's; use --stream off"
+            )
         record = self.ledger.record(request_id)
         if record is None:
             return  # answered before: a duplicate, counted by the ledger

@@ -15,6 +15,8 @@ COMMANDS = {
     "export": ("splitleak.model.export", "write head and tail ONNX files for every split point, with a manifest"),
     "cloud": ("splitleak.cloud.server", "serve the tails over the Open Inference Protocol (gRPC)"),
     "device": ("splitleak.device.client", "run the head on frames with ONNX Runtime and stream them to the cloud"),
+    "triton": ("splitleak.cloud.triton", "serve the tails on a stock NVIDIA Triton server (model repository, venv)"),
+    "mlserver": ("splitleak.cloud.mlserver", "serve the tails on Seldon's MLServer (model repository, venv)"),
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "shadows": ("splitleak.model.shadows", "train shadow models on random halves of a pool, for membership inference"),
     "membership": ("splitleak.attacker.membership", "membership inference (LiRA, RMIA, loss) against shadow models"),

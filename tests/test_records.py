@@ -10,7 +10,7 @@ from pathlib import Path
 
 from splitleak import cli
 from splitleak.core import metrics
-from splitleak.core.records import ANSWER, STAGES, FrameRecord
+from splitleak.core.records import ANSWER, NETWORK_CLOUD, STAGES, FrameRecord
 from splitleak.study import rows, sweep
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "sweep"
@@ -42,6 +42,17 @@ def test_an_answered_frame_has_every_stage_and_a_refused_one_only_the_device_s()
     assert list(refused.stages_ms()) == ["preprocess", "head", "defence", "encode"]
     assert not set(ANSWER) & set(refused.to_json())  # as the device has always written a refused frame
     assert FrameRecord.from_json(refused.to_json()) == refused
+
+
+def test_a_frame_from_a_cloud_that_reports_no_times_has_one_network_and_cloud_stage_in_its_summary():
+    answered = dict(prediction=3, bytes_down=120, end_ns=1_700_000_000_040_000_000, total_ms=40.0)
+    stock = FrameRecord(**SENT, **answered, network_cloud_ms=39.0)
+    assert list(stock.stages_ms()) == ["preprocess", "head", "defence", "encode", NETWORK_CLOUD, "total"]
+    assert FrameRecord.from_json(stock.to_json()) == stock
+    timed = FrameRecord(**SENT, **answered, uplink_ms=33.0, cloud_ms=0.9, downlink_ms=5.2)
+    assert "network_cloud_ms" not in timed.to_json()  # what the device always wrote for splitleak's cloud
+    table = metrics.format_summary(metrics.summarize([stock, stock]))
+    assert f"{NETWORK_CLOUD}      39.00     39.00" in table and "uplink" not in table
 
 
 def test_a_frame_sent_again_or_never_answered_says_so_and_a_plain_one_writes_what_it_always_did():

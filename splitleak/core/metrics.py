@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from splitleak.core.records import STAGES, FrameRecord
+from splitleak.core.records import ALL_STAGES, FrameRecord
 
 
 def summarize(records: Sequence[FrameRecord]) -> dict:
@@ -27,8 +27,8 @@ def summarize(records: Sequence[FrameRecord]) -> dict:
         "stages_ms": {},
     }
     stages_ms = [r.stages_ms() for r in done]
-    for stage in STAGES:
-        values = np.array([stages[stage] for stages in stages_ms])
+    for stage in ALL_STAGES:
+        values = np.array([stages[stage] for stages in stages_ms if stage in stages])
         if len(values):
             summary["stages_ms"][stage] = {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
     if len(done) > 1:
@@ -51,7 +51,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"bytes per frame: {summary['bytes_up']:.0f} up, {summary['bytes_down']:.0f} down")
     if "frames_per_s" in summary:
         lines.append(f"throughput: {summary['frames_per_s']:.1f} frames/s")
-    lines.append(f"{'stage':<11}{'median ms':>10}{'p95 ms':>10}")
+    width = max([11, *(len(stage) + 1 for stage in summary["stages_ms"])])
+    lines.append(f"{'stage':<{width}}{'median ms':>10}{'p95 ms':>10}")
     for stage, stats in summary["stages_ms"].items():
-        lines.append(f"{stage:<11}{stats['median']:>10.2f}{stats['p95']:>10.2f}")
+        lines.append(f"{stage:<{width}}{stats['median']:>10.2f}{stats['p95']:>10.2f}")
     return "\n".join(lines)

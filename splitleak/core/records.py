@@ -13,8 +13,12 @@ from dataclasses import dataclass, fields
 # The stages a frame's latency is timed in, in the order they happen; "total" is from the device beginning on the frame
 # to the answer's arrival, so it also holds the moments between the stages (handing over between threads, queues).
 STAGES = ("preprocess", "head", "defence", "encode", "uplink", "cloud", "downlink", "total")
+# From a cloud that reports no times (a stock OIP server such as Triton), uplink, cloud and downlink are one stage.
+NETWORK_CLOUD = "network + cloud"
+# Every stage a record may have, in the order a summary lists them.
+ALL_STAGES = (*STAGES[:-1], NETWORK_CLOUD, STAGES[-1])
 # The fields the cloud's answer fills in.
-ANSWER = ("prediction", "bytes_down", "end_ns", "uplink_ms", "cloud_ms", "downlink_ms", "total_ms")
+ANSWER = ("prediction", "bytes_down", "end_ns", "uplink_ms", "cloud_ms", "downlink_ms", "total_ms", "network_cloud_ms")
 # What only a run with a break or a stop has: left out of the JSON at their defaults, so that a run without either
 # writes what the device always wrote.
 MISHAP = {"resent": 0, "unanswered": False}
@@ -49,6 +53,7 @@ class FrameRecord:
     cloud_ms: float | None = None  # the cloud's own time: restoring the activation and running the tail
     downlink_ms: float | None = None  # from the cloud sending the answer until it arrived
     total_ms: float | None = None  # from start_ns to end_ns
+    network_cloud_ms: float | None = None  # with no times from the cloud: from device_send_ns until the answer arrived
     # Known when the run ends.
     resent: int = 0  # times it was sent again after the stream to the cloud broke (device_send_ns is the last time)
     unanswered: bool = False  # the run ended (failed or stopped) before any answer came
@@ -63,6 +68,7 @@ class FrameRecord:
             "uplink": self.uplink_ms,
             "cloud": self.cloud_ms,
             "downlink": self.downlink_ms,
+            NETWORK_CLOUD: self.network_cloud_ms,
             "total": self.total_ms,
         }
         return {stage: ms for stage, ms in stages.items() if ms is not None}
