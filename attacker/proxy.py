@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitleak.attacker.relay import CiphertextRelay
+from splitleak.attacker.relay import run_until as relay_ciphertext
 from splitleak.core import process, serving, transport
 from splitleak.core.capture import CaptureSink, CaptureWriter
 from splitleak.core.feed import FeedSender
@@ -442,7 +442,7 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if opaque:
-        return _relay_ciphertext(args, writer or None, feed or None, stop)
+        return relay_ciphertext(stop, args, writer or None, feed or None)
     sink = CaptureSink(writer, maxsize=args.queue, on_capture=[feed] if feed else None)
     limits = serving.Limits.from_args(args)
     proxy = Proxy(args.cloud, sink, host=args.host, port=args.listen_port, limits=limits, tls=tls)
@@ -466,26 +466,3 @@ def main(args: argparse.Namespace) -> int:
         feed.close()
     print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr, flush=True)
     return code
-
-
-def _relay_ciphertext(
-    args: argparse.Namespace, writer: CaptureWriter | None, feed: FeedSender | None, stop: threading.Event
-) -> int:
-    relay = CiphertextRelay(args.cloud, writer, host=args.host, port=args.listen_port)
-    try:
-        port = relay.start()
-    except OSError as e:
-        print(f"proxy: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"proxy listening on {args.host}:{port} relaying to {args.cloud}: the cloud speaks TLS and this proxy holds no "
-        f"key the device trusts, so it passes on ciphertext it cannot read"
-        + (f", keeping its counts and first bytes in {args.capture}" if writer else ""),
-        flush=True,
-    )
-    stop.wait()
-    relay.stop()
-    if feed:
-        feed.close()
-    print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in relay.stats.items()), file=sys.stderr, flush=True)
-    return 0

@@ -12,11 +12,14 @@ holds no requests; `splitleak attack` on it says why there is nothing to invert.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import sys
 import threading
 
 from splitleak.core.capture import CaptureWriter
+from splitleak.core.feed import FeedSender
 
 CIPHERTEXT_BYTES = 1 << 20
 _CHUNK = 64 * 1024
@@ -101,3 +104,27 @@ class CiphertextRelay:
         with contextlib.suppress(OSError):
             if writer.can_write_eof():
                 writer.write_eof()
+
+
+def run_until(
+    stop: threading.Event, args: argparse.Namespace, writer: CaptureWriter | None, feed: FeedSender | None
+) -> int:
+    """`splitleak attacker proxy` as this relay, until `stop` is set; its exit code."""
+    relay = CiphertextRelay(args.cloud, writer, host=args.host, port=args.listen_port)
+    try:
+        port = relay.start()
+    except OSError as e:
+        print(f"proxy: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"proxy listening on {args.host}:{port} relaying to {args.cloud}: the cloud speaks TLS and this proxy holds no "
+        f"key the device trusts, so it passes on ciphertext it cannot read"
+        + (f", keeping its counts and first bytes in {args.capture}" if writer else ""),
+        flush=True,
+    )
+    stop.wait()
+    relay.stop()
+    if feed:
+        feed.close()
+    print("proxy stopped: " + ", ".join(f"{k} {v}" for k, v in relay.stats.items()), file=sys.stderr, flush=True)
+    return 0
