@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +120,11 @@ def test_shadows_train_once_resume_where_they_stopped_and_feed_splitleak_members
     ]
     assert (folder / "membership" / "roc.png").stat().st_size > 1000
     assert "Leave one out over 4 shadow models" in capsys.readouterr().out
+
+
+def test_a_shadow_model_is_trained_by_one_run_at_a_time_and_a_dead_run_s_lock_is_taken_over(tmp_path):
+    lock = tmp_path / "shadow-000.lock"
+    assert shadow_models._lock(lock) and not shadow_models._lock(lock)  # held by a live run: this one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # a run that died holding it
+    assert shadow_models._lock(lock) and lock.read_text() == str(os.getpid())

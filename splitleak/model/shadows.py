@@ -8,7 +8,7 @@ pool, each image as it is and flipped, and on population images from the test sp
 
 Each model is cached as it finishes, in CACHE/shadows/KEY/shadow-NNN.npz (its mask and the logits), so a run that
 stops (a session, a reboot) resumes with the next model; the recipe is in recipe.json beside them. A model trains
-in a process of one thread here, so two runs at once use two cores.
+in a process of one thread, and runs started side by side share the models out, so two runs use two cores.
 """
 
 from __future__ import annotations
@@ -127,19 +127,45 @@ def _queries(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> np.nd
 
 
 def run(recipe: Recipe, *, progress: bool = True) -> Path:
-    """Train every shadow model not yet cached; returns the folder. Safe to stop and start again at any moment."""
+    """Train every shadow model not yet cached; returns the folder. Safe to stop and start again at any moment, and
+    to run more than once at a time: each run takes the next model no other live run holds (a lock file with its
+    process id), so two runs use two cores."""
     from tqdm import tqdm
 
     folder, pool, population = prepare(recipe)
     torch.set_num_threads(1)
     todo = [i for i in range(recipe.count) if not (folder / f"shadow-{i:03d}.npz").exists()]
     for index in tqdm(todo, desc="shadow models", unit="model", disable=not progress):
-        start = time.perf_counter()
-        shadow = train_shadow(recipe, index, pool, population)
-        tmp = folder / f"shadow-{index:03d}.tmp.npz"
-        np.savez(tmp, **shadow, seconds=np.float64(time.perf_counter() - start))
-        os.replace(tmp, folder / f"shadow-{index:03d}.npz")  # whole or not at all: a stop mid-write loses nothing
+        done = folder / f"shadow-{index:03d}.npz"
+        if done.exists() or not _lock(folder / f"shadow-{index:03d}.lock"):
+            continue  # finished or being trained by another run
+        try:
+            start = time.perf_counter()
+            shadow = train_shadow(recipe, index, pool, population)
+            tmp = folder / f"shadow-{index:03d}.tmp.npz"
+            np.savez(tmp, **shadow, seconds=np.float64(time.perf_counter() - start))
+            os.replace(tmp, done)  # whole or not at all: a stop mid-write loses nothing
+        finally:
+            (folder / f"shadow-{index:03d}.lock").unlink(missing_ok=True)
     return folder
+
+
+def _lock(path: Path) -> bool:
+    """Take `path` for this process; False if a live process holds it (a dead one's lock is taken over)."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False  # held by a live run
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # its run died: take it over
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def get_args_parser() -> argparse.ArgumentParser:
