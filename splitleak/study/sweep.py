@@ -272,13 +272,26 @@ def attack_scores(
     }
 
 
-def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
-    """What `config` measured and what each attack scored, from the cache where it is there."""
+def result_paths(config: Config, settings: Settings, attacks: list[str]) -> tuple[Path, dict[str, Path]]:
+    """Where what `config` measured is cached, and where each attack's scores are."""
     measured_path = cache_path(config, settings, "measured")
     attack_paths = {
         attack: cache_path(config, settings, f"attack-{attack}-{_key(settings.knobs_of(attack), settings)}")
         for attack in attacks
     }
+    return measured_path, attack_paths
+
+
+def read_results(measured_path: Path, attack_paths: dict[str, Path]) -> dict:
+    return {
+        "measured": json.loads(measured_path.read_text()),
+        "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
+    }
+
+
+def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
+    """What `config` measured and what each attack scored, from the cache where it is there."""
+    measured_path, attack_paths = result_paths(config, settings, attacks)
     missing = [a for a, p in attack_paths.items() if not p.exists()]
     if missing or not measured_path.exists():
         with tempfile.TemporaryDirectory(prefix="splitleak-sweep-") as tmp:
@@ -287,10 +300,7 @@ def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
             frames = intercepted(config, capture_dir, settings.attack_frames) if missing else None
             for attack in missing:
                 attack_paths[attack].write_text(json.dumps(attack_scores(config, attack, frames, settings)))
-    return {
-        "measured": json.loads(measured_path.read_text()),
-        "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
-    }
+    return read_results(measured_path, attack_paths)
 
 
 # The table: one row per configuration and link.
@@ -393,8 +403,13 @@ def sweep(
         for config in bar:
             bar.set_postfix_str(config.label)
             results[config] = evaluate(config, settings, attacks)
-    reference = results[Config(model_dir, todo[0].split)]["measured"]
-    return [row for config, result in results.items() for row in rows(config, result, links, reference, settings.seed)]
+    return table_of(model_dir, results, links, settings.seed)
+
+
+def table_of(model_dir: Path, results: dict[Config, dict], links: list[str], seed: int) -> list[SweepRow]:
+    """The rows of every configuration's `results`, in their order; accuracy drops from the first undefended one."""
+    reference = results[Config(model_dir, next(iter(results)).split)]["measured"]
+    return [row for config, result in results.items() for row in rows(config, result, links, reference, seed)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -438,6 +453,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="an attack's knob (see splitleak attack --help), e.g. decoder.epochs=5; repeat for several",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the configurations and attacks as tasks on Dask: alone, a local cluster on 127.0.0.1 (a worker per "
+        "core); with a scheduler's address (tcp://HOST:8786), that cluster (splitleak.study.cluster)",
+    )
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="where the table and the plots go")
     parser.add_argument("--no-plots", action="store_true")
     return parser
@@ -464,16 +487,19 @@ def main(args: argparse.Namespace) -> int:
     frames = min(args.attack_frames, args.frames)
     settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs)
     start = time.perf_counter()
+    chosen = dict(
+        links=args.link or list(DEFAULT_LINKS), attacks=args.attack or list(DEFAULT_ATTACKS), settings=settings
+    )
     try:
-        table = sweep(
-            args.model_dir,
-            variants=args.variant,
-            splits=args.split,
-            runtime=runtime,
-            links=args.link or list(DEFAULT_LINKS),
-            attacks=args.attack or list(DEFAULT_ATTACKS),
-            settings=settings,
-        )
+        if args.cluster is None:
+            table = sweep(args.model_dir, variants=args.variant, splits=args.split, runtime=runtime, **chosen)
+        else:
+            from splitleak.study import cluster
+
+            todo = list(configs(args.model_dir, args.variant, args.split, runtime))
+            with cluster.client(args.cluster) as dask:
+                table, submitted = cluster.sweep_on(dask, todo, **chosen)
+            print(f"sweep: {submitted} tasks on the cluster", file=sys.stderr)
     except (KeyError, ValueError, RuntimeError) as e:  # a split, an attack or a run that cannot be done, and why
         print(f"sweep: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
