@@ -18,7 +18,8 @@ COMMANDS = {
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
-    "sweep": ("splitleak.study.sweep", "the latency-leakage-accuracy trade-off of every split, defence and link"),
+    "sweep": ("splitleak.study.cluster", "the latency-leakage-accuracy trade-off of every split, defence and link"),
+    "loadtest": ("splitleak.study.loadtest", "many simulated devices against a cloud (or several): p50/p99, frames/s"),
     "recommend": ("splitleak.study.recommend", "the fastest split and defence within privacy and accuracy bounds"),
     "demo": ("splitleak.demo.server", "the live attack demo: cloud, proxy and device as processes, in the browser"),
 }

@@ -1,5 +1,7 @@
 """`splitleak sweep --cluster [ADDRESS]`: the sweep's runs and attacks as tasks on a Dask distributed cluster.
 
+The `sweep` command's entry point: splitleak.study.sweep's options and `--cluster`, its main without it.
+
 Without an address a local cluster starts on 127.0.0.1 (one single-threaded worker process per core, no dashboard);
 with one, the sweep joins that scheduler. The tasks are the sweep's own steps (splitleak.study.sweep): each
 configuration's device/cloud run is one task, each attack on what that run's cloud recorded is another. Workers share
@@ -17,8 +19,10 @@ its task waits for the undefended configuration's and is handed the weights that
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,3 +128,29 @@ def sweep_on(
             bar.update()
     results = {config: sweep.read_results(*paths[config]) for config in todo}
     return sweep.table_of(todo[0].model_dir, results, links, settings.seed), len(pending)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = sweep.get_args_parser()
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const=LOCAL,
+        metavar="ADDRESS",
+        help="run the configurations and attacks as tasks on Dask: alone, a local cluster on 127.0.0.1 (a worker per "
+        "core); with a scheduler's address (tcp://HOST:8786), that cluster",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.cluster is None:
+        return sweep.main(args)
+
+    def run(todo: list[sweep.Config], **chosen) -> list[SweepRow]:
+        with client(args.cluster) as dask:
+            table, submitted = sweep_on(dask, todo, **chosen)
+        print(f"sweep: {submitted} tasks on the cluster at {args.cluster}", file=sys.stderr)
+        return table
+
+    return sweep.main(args, run)

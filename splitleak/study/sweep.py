@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -453,20 +454,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="an attack's knob (see splitleak attack --help), e.g. decoder.epochs=5; repeat for several",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cluster",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="run the configurations and attacks as tasks on Dask: alone, a local cluster on 127.0.0.1 (a worker per "
-        "core); with a scheduler's address (tcp://HOST:8786), that cluster (splitleak.study.cluster)",
-    )
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="where the table and the plots go")
     parser.add_argument("--no-plots", action="store_true")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, run: Callable[..., list[SweepRow]] | None = None) -> int:
+    """`run`: what computes the table of the configurations (`run(todo, links=, attacks=, settings=)`) instead of the
+    serial `sweep`, as splitleak.study.cluster's runs them on Dask."""
     dataset = args.dataset or data.default_dataset()
     if dataset == "embedded":
         print(
@@ -491,15 +486,10 @@ def main(args: argparse.Namespace) -> int:
         links=args.link or list(DEFAULT_LINKS), attacks=args.attack or list(DEFAULT_ATTACKS), settings=settings
     )
     try:
-        if args.cluster is None:
+        if run is None:
             table = sweep(args.model_dir, variants=args.variant, splits=args.split, runtime=runtime, **chosen)
         else:
-            from splitleak.study import cluster
-
-            todo = list(configs(args.model_dir, args.variant, args.split, runtime))
-            with cluster.client(args.cluster) as dask:
-                table, submitted = cluster.sweep_on(dask, todo, **chosen)
-            print(f"sweep: {submitted} tasks on the cluster", file=sys.stderr)
+            table = run(list(configs(args.model_dir, args.variant, args.split, runtime)), **chosen)
     except (KeyError, ValueError, RuntimeError) as e:  # a split, an attack or a run that cannot be done, and why
         print(f"sweep: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
