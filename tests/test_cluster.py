@@ -54,5 +54,15 @@ def test_a_sweep_on_a_local_cluster_gives_the_serial_table_and_stays_on_loopback
         # Training is not bit-reproducible across processes (the first run in one differs by about 0.001 SSIM).
         assert ours.attacks["decoder"].ssim == pytest.approx(theirs.attacks["decoder"].ssim, abs=0.01)
         assert ours.latency_ms["total"].median == pytest.approx(theirs.latency_ms["total"].median, abs=5)
-    again, submitted = swept(shipped_model_dir, dask=dask)
+    with cluster.client(dask.scheduler_info()["address"]) as joined:  # the same cluster, joined by its address
+        again, submitted = swept(shipped_model_dir, dask=joined)
     assert submitted == 0 and again == table  # all from the driver's cache
+
+
+def test_joining_a_cluster_where_no_worker_measures_latency_says_how_to_start_one():
+    from distributed import LocalCluster
+
+    with LocalCluster(host="127.0.0.1", n_workers=1, processes=False, dashboard_address=None) as bare:
+        with pytest.raises(RuntimeError, match="--resources latency=1"):
+            with cluster.client(bare.scheduler_address):
+                pass

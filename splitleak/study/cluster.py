@@ -37,14 +37,21 @@ LOCAL = "local"  # `--cluster` given without an address
 
 
 @contextmanager
-def client(address: str = LOCAL, workers: int | None = None) -> Iterator:
-    """A Dask client on a local cluster bound to 127.0.0.1 (`address` LOCAL) or on the scheduler at `address`."""
+def client(address: str = LOCAL, workers: int | None = None, measures: bool = True) -> Iterator:
+    """A Dask client on a local cluster bound to 127.0.0.1 (`address` LOCAL) or on the scheduler at `address`.
+    `measures`: the tasks will measure latency, so a worker of a joined cluster must hold the `latency` resource."""
     from distributed import Client, LocalCluster
 
     if address != LOCAL:
         with Client(address, timeout=10) as joined:
-            if not joined.scheduler_info()["workers"]:
+            workers = joined.scheduler_info()["workers"].values()
+            if not workers:
                 raise RuntimeError(f"the Dask scheduler at {address} has no workers")
+            if measures and not any(w.get("resources", {}).get(LATENCY) for w in workers):
+                raise RuntimeError(
+                    f"no worker of the Dask cluster at {address} measures latency: start one per machine with "
+                    f"--resources {LATENCY}=1"
+                )
             yield joined
         return
     with (

@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         from splitleak.study import cluster
 
-        with cluster.client(args.cluster) as dask:
+        with cluster.client(args.cluster, measures=False) as dask:
             args.processes = min(args.processes or len(dask.scheduler_info()["workers"]), args.devices)
             result = run(args, requests, lambda *a: dask.submit(*a, pure=False))
     print(
