@@ -62,7 +62,9 @@ def test_a_sweep_on_a_local_cluster_gives_the_serial_table_and_stays_on_loopback
 def test_joining_a_cluster_where_no_worker_measures_latency_says_how_to_start_one():
     from distributed import LocalCluster
 
-    with LocalCluster(host="127.0.0.1", n_workers=1, processes=False, dashboard_address=None) as bare:
+    with LocalCluster(
+        host="127.0.0.1", protocol="tcp://", n_workers=1, processes=False, dashboard_address=None
+    ) as bare:
         with pytest.raises(RuntimeError, match="--resources latency=1"):
             with cluster.client(bare.scheduler_address):
                 pass
