@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def client(address: str = LOCAL, workers: int | None = None, measures: bool = Tr
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            silence_logs=logging.ERROR,  # a worker's routine warnings would break the progress bar
         ) as cluster,
         Client(cluster) as local,
     ):
