@@ -88,7 +88,13 @@ def json_lines(path: str):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cloud", default="127.0.0.1:8001", metavar="HOST:PORT")
+    parser.add_argument(
+        "--cloud",
+        default="127.0.0.1:8001",
+        metavar="HOST:PORT",
+        help="the cloud; several as IP:PORT,IP:PORT,... or a DNS name with several records: each stream goes to one, "
+        "in turn, and a cloud that goes away is dropped (splitleak.core.transport.clouds)",
+    )
     parser.add_argument(
         "--model-dir",
         type=Path,

@@ -7,6 +7,8 @@ activations (16x32x32 fp32, 64 KiB each); anything larger is answered RESOURCE_E
 
 from __future__ import annotations
 
+import ipaddress
+
 import grpc
 
 from splitleak.core.tls import Tls
@@ -47,8 +49,40 @@ SERVER_OPTIONS = [
 ]
 
 
+def clouds(target: str) -> tuple[str, list[tuple[str, object]]]:
+    """A gRPC target and the options that spread connections over every cloud `target` names.
+
+    `target` is HOST:PORT, several separated by commas (IP addresses: 127.0.0.1:P1,127.0.0.1:P2), or a DNS name
+    (name:PORT, dns:///name:PORT) that may resolve to several addresses. Where it can name more than one, gRPC's
+    client-side round_robin connects to all of them and sends each new call to the next one that is up: a stream stays
+    on the cloud it began on, and a cloud that goes away is dropped from the turn until it comes back, so a device's
+    next stream (splitleak.device.stream reconnects) goes to another. One IP address keeps gRPC's default
+    (pick_first)."""
+    addresses = [a.strip() for a in target.split(",")]
+    if len(addresses) > 1:
+        if not all(_is_ip(a) for a in addresses):
+            raise ValueError(
+                f"several clouds are IP:PORT, comma-separated (127.0.0.1:8001,127.0.0.1:8002), not {target}"
+            )
+        family = "ipv6" if addresses[0].startswith("[") else "ipv4"
+        return f"{family}:{','.join(addresses)}", [("grpc.lb_policy_name", "round_robin")]
+    if _is_ip(target) or target.startswith(("ipv4:", "ipv6:", "unix:")):
+        return target, []
+    return target, [("grpc.lb_policy_name", "round_robin")]  # a name: each of its DNS records is a cloud
+
+
+def _is_ip(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def channel(target: str, tls: Tls | None = None) -> grpc.Channel:
-    """A channel to `target`, with mutual TLS if given."""
+    """A channel to the cloud or clouds `target` names (see `clouds`), with mutual TLS if given."""
+    target, balancing = clouds(target)
     if tls is not None:
-        return grpc.secure_channel(target, tls.channel_credentials(), options=OPTIONS)
-    return grpc.insecure_channel(target, options=OPTIONS)
+        return grpc.secure_channel(target, tls.channel_credentials(), options=[*OPTIONS, *balancing])
+    return grpc.insecure_channel(target, options=[*OPTIONS, *balancing])

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,13 +280,26 @@ def attack_scores(
     }
 
 
-def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
-    """What `config` measured and what each attack scored, from the cache where it is there."""
+def result_paths(config: Config, settings: Settings, attacks: list[str]) -> tuple[Path, dict[str, Path]]:
+    """Where what `config` measured is cached, and where each attack's scores are."""
     measured_path = cache_path(config, settings, "measured")
     attack_paths = {
         attack: cache_path(config, settings, f"attack-{attack}-{_key(settings.knobs_of(attack), settings)}")
         for attack in attacks
     }
+    return measured_path, attack_paths
+
+
+def read_results(measured_path: Path, attack_paths: dict[str, Path]) -> dict:
+    return {
+        "measured": json.loads(measured_path.read_text()),
+        "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
+    }
+
+
+def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
+    """What `config` measured and what each attack scored, from the cache where it is there."""
+    measured_path, attack_paths = result_paths(config, settings, attacks)
     missing = [a for a, p in attack_paths.items() if not p.exists()]
     stale = measured_path.exists() and "head_ms" not in json.loads(measured_path.read_text())  # before profiles
     if missing or stale or not measured_path.exists():
@@ -295,10 +309,7 @@ def evaluate(config: Config, settings: Settings, attacks: list[str]) -> dict:
             frames = intercepted(config, capture_dir, settings.attack_frames) if missing else None
             for attack in missing:
                 attack_paths[attack].write_text(json.dumps(attack_scores(config, attack, frames, settings)))
-    return {
-        "measured": json.loads(measured_path.read_text()),
-        "attacks": {a: json.loads(p.read_text()) for a, p in attack_paths.items()},
-    }
+    return read_results(measured_path, attack_paths)
 
 
 # The table: one row per configuration and link.
@@ -420,12 +431,16 @@ def sweep(
         for config in bar:
             bar.set_postfix_str(config.label)
             results[config] = evaluate(config, settings, attacks)
-    reference = results[Config(model_dir, todo[0].split)]["measured"]
-    return [
-        row
-        for config, result in results.items()
-        for row in rows(config, result, links, reference, settings.seed, devices)
-    ]
+    return table_of(model_dir, results, links, settings.seed, devices)
+
+
+def table_of(
+    model_dir: Path, results: dict[Config, dict], links: list[str], seed: int, devices: tuple[str, ...] = ("host",)
+) -> list[SweepRow]:
+    """The rows of every configuration's `results`, in their order, on every link and device; accuracy drops from
+    the first undefended one."""
+    reference = results[Config(model_dir, next(iter(results)).split)]["measured"]
+    return [row for config, result in results.items() for row in rows(config, result, links, reference, seed, devices)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -485,7 +500,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, run: Callable[..., list[SweepRow]] | None = None) -> int:
+    """`run`: what computes the table of the configurations (`run(todo, links=, attacks=, settings=)`) instead of the
+    serial `sweep`, as splitleak.study.cluster's runs them on Dask."""
     dataset = args.dataset or data.default_dataset()
     if dataset == "embedded":
         print(
@@ -506,17 +523,17 @@ def main(args: argparse.Namespace) -> int:
     frames = min(args.attack_frames, args.frames)
     settings = Settings(dataset, args.frames, frames, args.aux_images, args.seed, knobs, args.tls)
     start = time.perf_counter()
+    chosen = dict(
+        links=args.link or list(DEFAULT_LINKS),
+        attacks=args.attack or list(DEFAULT_ATTACKS),
+        settings=settings,
+        devices=tuple(args.device or ["host"]),
+    )
     try:
-        table = sweep(
-            args.model_dir,
-            variants=args.variant,
-            splits=args.split,
-            runtime=runtime,
-            links=args.link or list(DEFAULT_LINKS),
-            attacks=args.attack or list(DEFAULT_ATTACKS),
-            settings=settings,
-            devices=tuple(args.device or ["host"]),
-        )
+        if run is None:
+            table = sweep(args.model_dir, variants=args.variant, splits=args.split, runtime=runtime, **chosen)
+        else:
+            table = run(list(configs(args.model_dir, args.variant, args.split, runtime)), **chosen)
     except (KeyError, ValueError, RuntimeError) as e:  # a split, an attack or a run that cannot be done, and why
         print(f"sweep: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
