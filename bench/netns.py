@@ -235,9 +235,7 @@ class VethPair:
     def popen(self, side: str, args: list[str], **kwargs) -> subprocess.Popen:
         """Start `args` inside `side`'s namespace; it is stopped when the pair is closed."""
         # `ip netns exec` execs the command, so the Popen's pid is the command's own.
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns[side], *args], preexec_fn=dies_with_parent(), **kwargs
-        )
+        proc = subprocess.Popen(dies_with_parent(["ip", "netns", "exec", self.netns[side], *args]), **kwargs)
         self.processes.append(proc)
         return proc
 

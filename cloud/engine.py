@@ -113,11 +113,10 @@ class Server(ABC):
             # A group of its own, so that stopping it stops what it started too; and it dies with this process,
             # however this process dies.
             self.proc = subprocess.Popen(
-                self.command(port),
+                dies_with_parent(self.command(port), signal.SIGKILL),
                 stdout=self.log or subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=dies_with_parent(signal.SIGKILL),
             )
             if self._wait_ready(port, models, timeout_s, stopping) or stopping:
                 self.port = port

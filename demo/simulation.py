@@ -143,14 +143,13 @@ class Simulation:
         cmd += ["--records", "-", *(["--split", s.split] if s.split else [])]
         cmd += ["--strength", str(s.strength)] if s.strength is not None else []
         self.processes["device"] = subprocess.Popen(
-            cmd,
+            process.dies_with_parent(cmd),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
             start_new_session=True,
-            preexec_fn=process.dies_with_parent(),
         )
         for target, args in (
             (self._read_feed, (connection,)),

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
             *tls,
             *args.forward,
         ]
-        return subprocess.run(cmd, preexec_fn=dies_with_parent()).returncode
+        return subprocess.run(dies_with_parent(cmd)).returncode
     finally:
         for cloud, _ in clouds:
             stop(cloud)

@@ -162,7 +162,7 @@ def test_a_child_started_with_the_death_signal_dies_when_its_parent_is_killed():
             "-c",
             "import subprocess, sys, time\n"
             "from splitleak.core import process\n"
-            "child = subprocess.Popen(['sleep', '600'], preexec_fn=process.dies_with_parent())\n"
+            "child = subprocess.Popen(process.dies_with_parent(['sleep', '600']))\n"
             "print(child.pid, flush=True)\n"
             "time.sleep(600)\n",
         ],

@@ -58,10 +58,10 @@ def test_devices_spread_over_two_clouds_and_survive_one_going_away(shipped_model
         )
         runs = [
             subprocess.Popen(
-                [sys.executable, "-m", "splitleak.cli", "device", "--cloud", target, "--model-dir",
+                dies_with_parent([sys.executable, "-m", "splitleak.cli", "device", "--cloud", target, "--model-dir",
                  str(shipped_model_dir), "--limit", str(frames), "--max-rate", "60", "--reconnect-s", "20",
-                 "--json", str(tmp_path / f"device{i}.json")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=dies_with_parent(),
+                 "--json", str(tmp_path / f"device{i}.json")]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             for i in range(devices)
         ]  # fmt: skip

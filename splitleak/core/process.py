@@ -10,40 +10,24 @@ process started here does so.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+def dies_with_parent(command: list[str], sig: signal.Signals = signal.SIGTERM) -> list[str]:
+    """`command`, to run as a child that Linux sends `sig` when this process dies, however it dies.
 
-def dies_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` for subprocess.Popen that has the child sent `sig` when this process dies, however it dies.
-
-    SIGTERM, so that the child stops as it would from `stop`: a cloud drains, a device writes its --json. Linux only
-    (None elsewhere, which Popen takes as no preexec_fn). Linux sends it when the *thread* that started the child
-    ends, so start children from a thread that lives as long as they should (the main thread, as every launcher here
-    does). Should this process die between the fork and the prctl, no signal would ever come: the child checks its
-    parent is still the one that started it, and otherwise sends `sig` to itself.
-
-    Python warns that a preexec_fn may deadlock in a process with threads if it takes a lock another thread held at
-    the fork; this one only makes two system calls through a function looked up before the fork, and takes no lock."""
+    SIGTERM, so that the child stops as it would from `stop`: a cloud drains, a device writes its --json. The child
+    starts through splitleak.core.guard, which asks for the signal and then becomes `command`. Linux only (`command`
+    unchanged elsewhere). Linux sends it when the *thread* that started the child ends, so start children from a
+    thread that lives as long as they should (the main thread, as every launcher here does)."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(sig))
-        if os.getppid() != parent:
-            os.kill(os.getpid(), sig)
-
-    return preexec
+        return command
+    return [sys.executable, "-m", "splitleak.core.guard", str(os.getpid()), str(int(sig)), *command]
 
 
 def start_cloud(
@@ -69,12 +53,11 @@ def start_listening(
 ) -> tuple[subprocess.Popen, int]:
     """Start `splitleak ARGS...` and wait for the port it prints on its first line ("... listening on HOST:PORT")."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitleak.cli", *args],
+        dies_with_parent([sys.executable, "-m", "splitleak.cli", *args]),
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
         start_new_session=own_session,
-        preexec_fn=dies_with_parent(),
     )
     line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)

@@ -205,7 +205,7 @@ def run_device(config: Config, settings: Settings, workdir: Path) -> tuple[list[
             "--json", str(out),
             *tls,
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=process.dies_with_parent())
+        done = subprocess.run(process.dies_with_parent(cmd), capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the device failed on {config.label} (exit {done.returncode}):\n{done.stderr}")
     finally:
