@@ -130,8 +130,10 @@ def rmia(
         prior_x, prior_z = ref_p.mean(0), ref_pop.mean(0)
     ratio_x = target_p / prior_x
     ratio_z = np.sort(target_pop / prior_z)
-    # The share of population examples z with ratio_x / ratio_z >= gamma, for every x at once.
-    return np.searchsorted(ratio_z, ratio_x / gamma, side="right") / len(ratio_z)
+    # The share of population examples z with ratio_x / ratio_z >= gamma, for every x at once; ties (shares come in
+    # steps of 1/P, and the most confident examples all beat every z) broken by the ratio itself, within half a step.
+    share = np.searchsorted(ratio_z, ratio_x / gamma, side="right") / len(ratio_z)
+    return share + np.arctan(np.log(ratio_x)) / np.pi / len(ratio_z)
 
 
 @dataclass(frozen=True)
@@ -199,18 +201,22 @@ def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0
     all_scores, all_members = [], []
     for t in range(count):
         refs = np.arange(count) != t
+        # Judged: the examples with a reference model on each side (all of them when the masks are the balanced
+        # ones of splitleak.model.shadows; fewer when only some of its models are used).
+        ref_in = shadows.masks[refs]
+        judged = ref_in.any(0) & (~ref_in).any(0)
+        ref_in = ref_in[:, judged]
         if attack == "loss":
-            scores = logp[t].mean(0)
+            scores = logp[t][:, judged].mean(0)
         elif attack.startswith("lira-"):
-            ref_in = shadows.masks[refs]
             use = balanced(ref_in, rng)
-            scores = lira(phi[t], phi[refs], ref_in, attack.removeprefix("lira-"), use)
+            scores = lira(phi[t][:, judged], phi[refs][..., judged], ref_in, attack.removeprefix("lira-"), use)
         elif attack == "rmia":
             p, pop = np.exp(logp).mean(1), np.exp(pop_logp).mean(1)  # (K, N), (K, P): averaged over the queries
-            scores = rmia(p[t], p[refs], shadows.masks[refs], pop[t], pop[refs])
+            scores = rmia(p[t][judged], p[refs][:, judged], ref_in, pop[t], pop[refs])
         else:
             raise ValueError(f"no membership attack {attack!r}; attacks: {', '.join(ATTACKS)}")
-        members = shadows.masks[t]
+        members = shadows.masks[t][judged]
         all_scores.append(scores)
         all_members.append(rng.permutation(members) if shuffled else members)
     return np.concatenate(all_scores), np.concatenate(all_members)
@@ -254,14 +260,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", action="append", choices=ATTACKS, help="(repeat; default: all)")
     parser.add_argument("--out", type=Path, help="where the table, JSON and ROC plot go (default: SHADOWS/membership)")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples for the intervals")
+    parser.add_argument("--models", type=int, help="use only the first N shadow models (default: every finished one)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     from splitleak.model.shadows import Shadows
 
-    shadows = Shadows.load(args.shadows)
-    out = args.out or args.shadows / "membership"
+    shadows = Shadows.load(args.shadows, args.models)
+    out = args.out or args.shadows / "membership" / f"{len(shadows.masks)}-models"
     out.mkdir(parents=True, exist_ok=True)
     results, rocs = [], {}
     for attack in args.attack or ATTACKS:

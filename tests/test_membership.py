@@ -112,13 +112,13 @@ def test_shadows_train_once_resume_where_they_stopped_and_feed_splitleak_members
 
     capsys.readouterr()
     assert cli.main(["membership", "--shadows", str(folder), "--resamples", "20"]) == 0
-    table = (folder / "membership" / "membership.md").read_text()
+    table = (folder / "membership" / "4-models" / "membership.md").read_text()
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line] == [
         "| attack",
         *(f"| {a}" for a in membership.ATTACKS),
         "| shuffled control",
     ]
-    assert (folder / "membership" / "roc.png").stat().st_size > 1000
+    assert (folder / "membership" / "4-models" / "roc.png").stat().st_size > 1000
     assert "Leave one out over 4 shadow models" in capsys.readouterr().out
 
 

@@ -52,8 +52,9 @@ class Shadows:
     population_logits: np.ndarray  # (K, Q, P, C)
 
     @classmethod
-    def load(cls, folder: Path) -> Shadows:
-        files = sorted(folder.glob("shadow-*.npz"))
+    def load(cls, folder: Path, models: int | None = None) -> Shadows:
+        """The first `models` finished shadow models in `folder` (default: all of them)."""
+        files = sorted(folder.glob("shadow-[0-9][0-9][0-9].npz"))[:models]
         if len(files) < 2:
             raise FileNotFoundError(f"{folder} holds {len(files)} finished shadow models; membership needs at least 2")
         pool = np.load(folder / "pool.npz")
