@@ -194,6 +194,7 @@ def test_with_mutual_tls_the_page_says_the_proxy_sees_ciphertext_and_shows_the_c
             wire = page.inner_text("#wire")
             assert wire.startswith("Mutual TLS between device and cloud: the attacker's proxy holds no key"), wire
             assert "The reconstructions below are the curious cloud's" in wire
+            assert page.inner_text("#activation-title") == "Activation the cloud received"
             scores = page.inner_text(".attack[data-attack=decoder] .scores")
             assert re.fullmatch(r"PSNR \d+\.\d dB · SSIM -?\d\.\d{3}", scores), scores
             page.screenshot(path=ARTIFACTS / "demo-tls.png", full_page=True)

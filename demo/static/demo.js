@@ -386,6 +386,8 @@ function buildControls() {
   $("identity-note").textContent = config.identity_note || "";
   $("wire").hidden = !config.wire;
   $("wire").textContent = config.wire || "";
+  // Under TLS the proxy intercepts nothing readable: the activation shown is the one the curious cloud received.
+  if (config.wire) $("activation-title").textContent = "Activation the cloud received";
   $("recognisable-ssim").textContent = config.recognisable_ssim;
   const splits = Object.entries(config.splits);
   const attacked = (split) => Object.values(config.attacks).some((a) => split in a.held_out);
