@@ -51,8 +51,8 @@ def test_a_sweep_on_a_local_cluster_gives_the_serial_table_and_stays_on_loopback
     ]
     for ours, theirs in zip(table, serial, strict=True):
         assert ours.accuracy == theirs.accuracy and ours.bytes_up == theirs.bytes_up
-        # Training is not bit-reproducible across processes (the first run in one differs by about 0.001 SSIM).
-        assert ours.attacks["decoder"].ssim == pytest.approx(theirs.attacks["decoder"].ssim, abs=0.01)
+        # The decoder trains from seeded weights on either side; only float sums in another order may differ.
+        assert ours.attacks["decoder"].ssim == pytest.approx(theirs.attacks["decoder"].ssim, abs=0.002)
         assert ours.latency_ms["total"].median == pytest.approx(theirs.latency_ms["total"].median, abs=5)
     with cluster.client(dask.scheduler_info()["address"]) as joined:  # the same cluster, joined by its address
         again, submitted = swept(shipped_model_dir, dask=joined)

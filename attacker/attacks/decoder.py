@@ -56,6 +56,7 @@ class InverseNetwork(Attack):
             self.decoder = build_decoder(self.split.activation_shape, self.image_shape, k.width)
             self.decoder.load_state_dict(torch.load(path, weights_only=True))
         elif undefended:
+            torch.manual_seed(k.seed)  # the initial weights too, or no two trainings (or sweep workers) would agree
             self.decoder = build_decoder(self.split.activation_shape, self.image_shape, k.width)
             self._train(epochs=k.epochs)
             torch.save(self.decoder.state_dict(), path)
