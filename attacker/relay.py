@@ -20,6 +20,7 @@ import threading
 
 from splitleak.core.capture import CaptureWriter
 from splitleak.core.feed import FeedSender
+from splitleak.core.options import address
 
 CIPHERTEXT_BYTES = 1 << 20
 _CHUNK = 64 * 1024
@@ -29,8 +30,7 @@ class CiphertextRelay:
     """A TCP relay from host:port to `cloud`, on an event loop of its own on a thread (start/stop from plain code)."""
 
     def __init__(self, cloud: str, writer: CaptureWriter | None, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.cloud_host, _, cloud_port = cloud.rpartition(":")
-        self.cloud_port = int(cloud_port)
+        self.cloud_host, self.cloud_port = address(cloud)
         self.writer = writer
         self.host, self.port = host, port
         self.stats = {"connections": 0, "bytes_up": 0, "bytes_down": 0}
@@ -76,19 +76,19 @@ class CiphertextRelay:
     async def _relay(self, device_reader: asyncio.StreamReader, device_writer: asyncio.StreamWriter) -> None:
         self._connections.add(asyncio.current_task())
         self.stats["connections"] += 1
+        writers = [device_writer]
         try:
+            # Unreachable: the device's connection is closed, and it sees the cloud as unreachable, as directly.
             cloud_reader, cloud_writer = await asyncio.open_connection(self.cloud_host, self.cloud_port)
-        except OSError:
-            device_writer.close()  # the device sees the cloud as unreachable, as it would directly
-            self._connections.discard(asyncio.current_task())
-            return
-        try:
+            writers.append(cloud_writer)
             await asyncio.gather(
                 self._pipe(device_reader, cloud_writer, "bytes_up"),
                 self._pipe(cloud_reader, device_writer, "bytes_down"),
             )
+        except OSError:
+            pass
         finally:
-            for writer in (device_writer, cloud_writer):
+            for writer in writers:
                 writer.close()
             self._connections.discard(asyncio.current_task())
 

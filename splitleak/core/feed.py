@@ -19,15 +19,15 @@ import threading
 from collections.abc import Iterator
 
 from splitleak.core.capture import RECORD_HEADER
+from splitleak.core.options import address as host_and_port
 
 
 class FeedSender:
     """Sends every record it is handed to the consumer at `address` (HOST:PORT); an OnCapture for a CaptureSink."""
 
     def __init__(self, address: str, *, maxsize: int = 256, timeout_s: float = 10.0) -> None:
-        host, _, port = address.rpartition(":")
         self.address = address
-        self._socket = socket.create_connection((host, int(port)), timeout=timeout_s)
+        self._socket = socket.create_connection(host_and_port(address), timeout=timeout_s)
         self._socket.settimeout(None)
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one record at a time, at once
         self.sent = 0

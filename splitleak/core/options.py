@@ -11,6 +11,14 @@ import math
 from collections.abc import Callable
 
 
+def address(text: str) -> tuple[str, int]:
+    """HOST:PORT as (host, port), an IPv6 host with or without its brackets; ValueError if it is not one."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def number(kind: type = float, *, at_least: float | None = None, above: float | None = None) -> Callable[[str], float]:
     """An argparse `type` that reads `kind` (int or float, finite) and refuses what is below `at_least` or not above
     `above`."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitleak.core.options import number
+from splitleak.core.options import address, number
 from splitleak.core.tls import Tls
 
 MAX_STREAMS = 256
@@ -262,8 +262,11 @@ def port_number(text: str) -> int:
 
 def target(text: str) -> str:
     """HOST:PORT of a server to connect to."""
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in host):
+    try:
+        host, port = address(text)
+    except ValueError:
+        host, port = "", 0
+    if not host or not 1 <= port <= 65535 or any(c.isspace() for c in host):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
     return text
 

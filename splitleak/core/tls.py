@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from splitleak.core.options import address
+
 CA_FILE = "ca.pem"
 
 
@@ -91,12 +93,9 @@ def _pem(path: Path, kind: str) -> bytes:
 def speaks_tls(target: str, timeout_s: float = 2.0) -> bool | None:
     """Whether the server at HOST:PORT answers a TLS handshake (its certificate unchecked); None if nothing answers
     there at all, or the target is not a plain HOST:PORT."""
-    host, _, port = target.rpartition(":")
-    if not port.isdigit():
-        return None
     try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
-    except OSError:
+        sock = socket.create_connection(address(target), timeout=timeout_s)
+    except (ValueError, OSError):
         return None
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
@@ -127,12 +126,12 @@ def why_unreachable(target: str, tls: Tls | None) -> str:
 def _handshake_error(target: str, tls: Tls) -> str:
     """The TLS handshake with these files, as gRPC would make it, and what fails in it."""
     cert, key, ca = tls.files
-    host, _, port = target.rpartition(":")
+    host, port = address(target)  # speaks_tls has answered for it: a HOST:PORT
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(cert, key)
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0) as sock:
-            with context.wrap_socket(sock, server_hostname=host.strip("[]")) as tls_sock:
+        with socket.create_connection((host, port), timeout=2.0) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls_sock:
                 tls_sock.settimeout(0.5)
                 try:
                     # TLS 1.3: a server that refuses the client's certificate says so, or hangs up, only after the
