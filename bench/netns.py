@@ -31,7 +31,7 @@ import sys
 import threading
 from pathlib import Path
 
-from splitleak.core.process import dies_with_parent
+from splitleak.core.process import alive, dies_with_parent
 
 SIDES = ("device", "cloud")
 MTU = 1500
@@ -88,18 +88,8 @@ def _names(command: list[str], key: str, pattern: re.Pattern) -> list[str]:
     return [
         entry[key]
         for entry in json.loads(_run(*command) or "[]")
-        if (match := pattern.fullmatch(entry[key])) and not _alive(int(match.group(1)))
+        if (match := pattern.fullmatch(entry[key])) and not alive(int(match.group(1)))
     ]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's, but there
-        pass
-    return True
 
 
 def free_subnet(rng: random.Random | None = None) -> ipaddress.IPv4Network:

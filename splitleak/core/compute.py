@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from splitleak.core.process import alive
+
 MOBILENET_V1_MACS = 569e6  # multiply-accumulates of MobileNet v1 1.0 224 (Howard et al. 2017, Table 8)
 MIN_QUOTA_US = 1000  # the least quota (and period) either cgroup version takes
 MAX_PERIOD_US = 1_000_000
@@ -209,21 +211,11 @@ def clean_stale(root: Path) -> list[Path]:
     removed = []
     for group in root.glob(f"{GROUP_PREFIX}*"):
         pid = group.name.removeprefix(GROUP_PREFIX)
-        if pid.isdigit() and not _alive(int(pid)) and not (group / "cgroup.procs").read_text().split():
+        if pid.isdigit() and not alive(int(pid)) and not (group / "cgroup.procs").read_text().split():
             with contextlib.suppress(OSError):
                 group.rmdir()
                 removed.append(group)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CpuQuota:

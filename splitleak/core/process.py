@@ -30,6 +30,17 @@ def dies_with_parent(command: list[str], sig: signal.Signals = signal.SIGTERM) -
     return [sys.executable, "-m", "splitleak.core.guard", str(os.getpid()), str(int(sig)), *command]
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (someone else's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's, but there
+        pass
+    return True
+
+
 def start_cloud(
     models: list[Path],
     extra: list[str] | None = None,

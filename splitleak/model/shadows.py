@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from splitleak.core import data
+from splitleak.core.process import alive
 from splitleak.model import train
 from splitleak.model.checkpoint import TrainConfig, to_tensor
 
@@ -158,11 +159,13 @@ def _lock(path: Path) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                os.kill(int(path.read_text() or 0), 0)
-                return False  # held by a live run
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                path.unlink(missing_ok=True)  # its run died: take it over
-                continue
+                holder = path.read_text()
+            except FileNotFoundError:
+                continue  # let go just now: try again
+            if not holder or (holder.isdigit() and alive(int(holder))):
+                return False  # held by a live run (one that has not written its id yet, too)
+            path.unlink(missing_ok=True)  # its run died: take it over
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return True
