@@ -196,7 +196,8 @@ def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0
     labels, count = shadows.labels, len(shadows.masks)
     phi = scaled_logit(shadows.logits, labels)  # (K, Q, N)
     logp = log_softmax_at(shadows.logits, labels)  # (K, Q, N)
-    pop_logp = log_softmax_at(shadows.population_logits, shadows.population_labels)  # (K, Q, P)
+    p = np.exp(logp).mean(1)  # (K, N): p(y|x), averaged over the queries, as RMIA takes it
+    pop = np.exp(log_softmax_at(shadows.population_logits, shadows.population_labels)).mean(1)  # (K, P)
     rng = np.random.default_rng(seed)
     all_scores, all_members = [], []
     for t in range(count):
@@ -212,7 +213,6 @@ def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0
             use = balanced(ref_in, rng)
             scores = lira(phi[t][:, judged], phi[refs][..., judged], ref_in, attack.removeprefix("lira-"), use)
         elif attack == "rmia":
-            p, pop = np.exp(logp).mean(1), np.exp(pop_logp).mean(1)  # (K, N), (K, P): averaged over the queries
             scores = rmia(p[t][judged], p[refs][:, judged], ref_in, pop[t], pop[refs])
         else:
             raise ValueError(f"no membership attack {attack!r}; attacks: {', '.join(ATTACKS)}")
