@@ -45,11 +45,11 @@ def make(folder: Path, hosts: list[str], clients: list[str], proxy: bool = False
     written = [_write(folder, "ca", ca, ca_key)]
     sans = [_san(h) for h in dict.fromkeys([*LOCAL_NAMES, *hosts])]
     server, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
-    written += _issue(folder, "cloud", ca, ca_key, [server], sans)
+    written.append(_issue(folder, "cloud", ca, ca_key, [server], sans))
     for client in clients:
-        written += _issue(folder, client, ca, ca_key, [client_auth], [x509.DNSName(client)])
+        written.append(_issue(folder, client, ca, ca_key, [client_auth], [x509.DNSName(client)]))
     if proxy:
-        written += _issue(folder, "proxy", ca, ca_key, [server, client_auth], sans)
+        written.append(_issue(folder, "proxy", ca, ca_key, [server, client_auth], sans))
     return written
 
 
@@ -60,7 +60,7 @@ def ensure(folder: Path) -> Path:
     return folder
 
 
-def _issue(folder: Path, role: str, ca, ca_key, usages, sans) -> list[Path]:
+def _issue(folder: Path, role: str, ca, ca_key, usages, sans) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         _builder(_name(role), ca.subject, key.public_key())
@@ -69,7 +69,7 @@ def _issue(folder: Path, role: str, ca, ca_key, usages, sans) -> list[Path]:
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    return [_write(folder, role, cert, key)]
+    return _write(folder, role, cert, key)
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
