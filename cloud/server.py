@@ -40,6 +40,7 @@ import splitleak
 from splitleak.cloud import wire
 from splitleak.cloud.tail import InferError, Tail, add_models_argument, load_tails
 from splitleak.core import codec, defences, serving, transport
+from splitleak.core.options import host_port
 from splitleak.core.serving import quote
 from splitleak.core.tls import Tls
 from splitleak.protos import inference_pb2 as pb
@@ -337,6 +338,7 @@ async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) 
     except OSError as e:
         print(f"cloud: {e}", file=sys.stderr)
         return 2
+    where = host_port(args.host, port)
     sink = feed = None
     if args.record or args.feed:
         # Imported only here: an honest cloud records nothing.
@@ -346,9 +348,7 @@ async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) 
         # Added once the port is known (the capture names it) and before it is announced, so no device is missed.
         try:
             feed = args.feed and FeedSender(args.feed)
-            writer = args.record and CaptureWriter(
-                args.record, tap="cloud", dataset=args.dataset, cloud=f"{args.host}:{port}"
-            )
+            writer = args.record and CaptureWriter(args.record, tap="cloud", dataset=args.dataset, cloud=where)
         except OSError as e:  # FileExistsError among them
             print(f"cloud: {e}", file=sys.stderr)
             await server.stop(None)
@@ -356,7 +356,10 @@ async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) 
         sink = CaptureSink(writer or None, on_capture=[feed] if feed else None)
         service.observers.append(sink.put)
     wire = ", mutual TLS" if args.tls else ""
-    print(f"cloud listening on {args.host}:{port}{wire} serving {', '.join(sorted(service.tails))}", flush=True)
+    print(
+        f"cloud listening on {where}{wire} serving {', '.join(sorted(service.tails))}",
+        flush=True,
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import psutil
 import pytest
 
 from splitleak.study import cluster, sweep
 
 FAST = {"decoder": {"epochs": 1, "width": 16}}
+DASK = str(Path(sys.executable).parent / "dask")  # the command Dask installs beside this Python
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,55 @@ def test_a_sweep_on_a_local_cluster_gives_the_serial_table_and_stays_on_loopback
     assert submitted == 0 and again == table  # all from the driver's cache
 
 
+@pytest.fixture
+def dask_cluster_by_hand(tmp_path):
+    """A scheduler and a worker started with Dask's own commands, as the README tells a user with a cluster to.
+    Their dashboards are bound to loopback by address: with `--no-dashboard` both still listened on 0.0.0.0."""
+    scheduler = subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = None
+    try:
+        address = None
+        for line in scheduler.stderr:  # "Scheduler at:   tcp://127.0.0.1:PORT"
+            if "Scheduler at:" in line:
+                address = line.split()[-1]
+                break
+        assert address and address.startswith("tcp://127.0.0.1:"), "the scheduler did not say where it listens"
+        worker = subprocess.Popen(
+            [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--resources", "latency=1",
+             "--dashboard-address", "127.0.0.1:0", "--local-directory", str(tmp_path / "worker")],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        yield address, [scheduler, worker]
+    finally:
+        for proc in [worker, scheduler]:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+
+
+@pytest.mark.slow
+def test_a_sweep_joins_a_cluster_started_with_dasks_own_commands(shipped_model_dir, dask_cluster_by_hand):
+    address, processes = dask_cluster_by_hand
+    from distributed import Client
+
+    with Client(address, timeout=30) as waiting:
+        waiting.wait_for_workers(1, timeout=60)
+    with cluster.client(address) as joined:
+        table, submitted = swept(shipped_model_dir, dask=joined)
+        workers = joined.scheduler_info()["workers"]
+    assert submitted == 4 and len(table) == 2
+    assert all(0 <= row.attacks["decoder"].ssim <= 1 and row.accuracy is not None for row in table)
+    assert [w["host"] for w in workers.values()] == ["127.0.0.1"]
+    addresses = []
+    for proc in processes:
+        for each in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            addresses += [c.laddr.ip for c in each.net_connections(kind="inet")]
+    assert addresses and set(addresses) == {"127.0.0.1"}
+
+
 def test_joining_a_cluster_where_no_worker_measures_latency_says_how_to_start_one():
     from distributed import LocalCluster
 
@@ -68,3 +123,27 @@ def test_joining_a_cluster_where_no_worker_measures_latency_says_how_to_start_on
         with pytest.raises(RuntimeError, match="--resources latency=1"):
             with cluster.client(bare.scheduler_address):
                 pass
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from splitleak.study import cluster
+if sys.argv[1] == "kept":
+    cluster.keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    np.ones(1 << 17)  # 1 MiB (numpy asks for huge pages from 4 MiB), allocated and freed as tensors are
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_attack_tasks_keep_freed_memory_on_workers_a_dask_nanny_started():
+    # A nanny's workers run with MALLOC_TRIM_THRESHOLD_=65536: every big allocation is a fresh mmap, faulted in anew.
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    faults = {
+        how: int(subprocess.run([sys.executable, "-c", FAULTS, how], env=env, capture_output=True, text=True).stdout)
+        for how in ("as-started", "kept")
+    }
+    assert faults["as-started"] > 100 * 256 * 0.9  # 256 pages of 4 KiB, faulted in anew on every round
+    assert faults["kept"] < faults["as-started"] / 20

@@ -89,6 +89,35 @@ def test_devices_spread_over_two_clouds_and_survive_one_going_away(shipped_model
     assert reconnects >= 1  # at least one device was on the cloud that went away, and went on on the other
 
 
+def test_a_dns_name_with_a_record_per_cloud_spreads_devices_over_them(shipped_model_dir, tmp_path):
+    """`--cloud dns://SERVER/NAME:PORT`: a real DNS server on loopback answers NAME with an A and an AAAA record, a
+    cloud listens on each (127.0.0.1 and ::1, one port), and gRPC's round robin sends streams to both."""
+    from dnslib.server import DNSLogger, DNSServer
+    from dnslib.zoneresolver import ZoneResolver
+
+    zone = "clouds.splitleak.test. 60 IN A 127.0.0.1\nclouds.splitleak.test. 60 IN AAAA ::1\n"
+    quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data")
+    dns = DNSServer(ZoneResolver(zone), address="127.0.0.1", port=0, logger=quiet)
+    dns.start_thread()
+    clouds = []
+    try:
+        for i, host in enumerate(["127.0.0.1", "::1"]):
+            log = open(tmp_path / f"cloud{i}.log", "w")
+            port = clouds[0][1] if clouds else 0
+            proc, port = start_cloud(
+                [shipped_model_dir], ["--host", host, "--record", str(tmp_path / f"capture{i}")], port=port, stderr=log
+            )
+            clouds.append((proc, port, log))
+        target = f"dns://127.0.0.1:{dns.server.server_address[1]}/clouds.splitleak.test:{clouds[0][1]}"
+        assert cli.main(["loadtest", "--devices", "16", "--cloud", target, "--duration", "1", "--processes", "1"]) == 0
+    finally:
+        dns.stop()
+        for proc, _, log in clouds:
+            stop(proc)
+            log.close()
+    assert captured(tmp_path, 0) > 0 and captured(tmp_path, 1) > 0  # all 16 on one cloud: one chance in 2**15
+
+
 @pytest.mark.slow
 def test_loadtest_reports_each_devices_latency_and_the_frames_a_second(shipped_cloud, tmp_path, capsys):
     out = tmp_path / "load.json"

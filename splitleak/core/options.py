@@ -19,6 +19,11 @@ def address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def host_port(host: str, port: int) -> str:
+    """`address` the other way: HOST:PORT as gRPC and people read it, an IPv6 host in brackets ([::1]:8001)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def number(kind: type = float, *, at_least: float | None = None, above: float | None = None) -> Callable[[str], float]:
     """An argparse `type` that reads `kind` (int or float, finite) and refuses what is below `at_least` or not above
     `above`."""

@@ -71,7 +71,7 @@ def start_listening(
         start_new_session=own_session,
     )
     line = proc.stdout.readline()
-    match = re.search(r"listening on [\d.]+:(\d+)", line)
+    match = re.search(r"listening on \S+:(\d+)", line)
     if match is None:
         proc.kill()
         raise RuntimeError(f"the {what} did not start (exit {proc.wait(timeout_s)}): {line!r}")

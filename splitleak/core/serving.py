@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitleak.core.options import address, number
+from splitleak.core.options import address, host_port, number
 from splitleak.core.tls import Tls
 
 MAX_STREAMS = 256
@@ -226,14 +226,13 @@ def listen(server: grpc.aio.Server, host: str, port: int, tls: Tls | None = None
     """Bind `server` to host:port (0: any free port), with mutual TLS if given; returns the port. OSError, in one
     line, if it cannot."""
     check_port(host, port)
+    where = host_port(host, port)
     try:
         if tls is not None:
-            return server.add_secure_port(f"{host}:{port}", tls.server_credentials())
-        return server.add_insecure_port(f"{host}:{port}")
+            return server.add_secure_port(where, tls.server_credentials())
+        return server.add_insecure_port(where)
     except RuntimeError:
-        raise OSError(
-            f"cannot listen on {host}:{port}: the address is not this machine's, or the port is taken"
-        ) from None
+        raise OSError(f"cannot listen on {where}: the address is not this machine's, or the port is taken") from None
 
 
 def check_port(host: str, port: int) -> None:
