@@ -8,9 +8,10 @@ MLServer's own venv (`make test` does, as `.venv-mlserver`): MLServer 1.7.1 inst
 splitleak's stubs cannot use. `splitleak mlserver serve [DIR]` runs `mlserver start` on loopback in a process group
 of its own (splitleak.cloud.engine), its gRPC, REST and metrics ports all on `--host`.
 
-MLServer's streaming call answers with another message type than Triton's, so the device sends it one unary
-ModelInfer a frame (`--stream auto` picks that from ServerMetadata); like Triton it returns none of splitleak's timing
-parameters and takes only the FP32 activation its settings declare.
+MLServer's streaming call takes Triton's requests but answers with bare ModelInferResponses, and ends on an error
+instead of answering it in-band; the runtime answers every request of the call (`predict_stream`), so the device
+streams to it with `--stream oip` (which `--stream auto` picks from ServerMetadata). Like Triton it returns none of
+splitleak's timing parameters and takes only the FP32 activation its settings declare.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Tail(MLModel):
         return InferenceResponse(
             model_name=self.name, id=payload.id, outputs=[NumpyCodec.encode_output("logits", logits)]
         )
+
+    async def predict_stream(self, payloads):
+        # MLServer hands the runtime every request of a ModelStreamInfer call; its default answers the first alone
+        # and ends the call (a stream built for one generation). A device streams frames: each gets its answer.
+        async for payload in payloads:
+            yield await self.predict(payload)
 '''
 
 

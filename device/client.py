@@ -120,8 +120,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--stream",
         default="auto",
         choices=STREAMS,
-        help="triton: Triton's ModelStreamInfer; off: one ModelInfer a frame (any OIP server); auto: triton for "
-        "splitleak's cloud and Triton, off for other servers",
+        help="triton: Triton's ModelStreamInfer; oip: the ModelStreamInfer that answers bare ModelInferResponses "
+        "(MLServer's); off: one ModelInfer a frame (any OIP server); auto: triton for splitleak's cloud and Triton, "
+        "oip for MLServer, off for other servers",
     )
     parser.add_argument("--loop", action="store_true", help="send the frames again and again until stopped")
     parser.add_argument(

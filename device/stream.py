@@ -1,8 +1,11 @@
 """The device's stream to the cloud over Triton's ModelStreamInfer, carried across breaks: no frame lost or doubled.
 
-Any Open Inference Protocol server will do: splitleak's cloud and Triton take the stream; a server without it (or
-whose streaming call is not Triton's) gets one unary ModelInfer a frame (`Cloud`'s `stream`). A stock server takes
-only the FP32 activation, so a defence that sends another form is refused before the first frame (`Cloud.refusal`).
+Any Open Inference Protocol server will do (`Cloud`'s `stream`): splitleak's cloud and Triton take Triton's stream,
+whose answers are ModelStreamInferResponses that carry errors in-band; MLServer's stream has the same name and
+requests but answers with bare ModelInferResponses, all with the id of the call's first request, in order, and ends
+the stream on an error ("oip"); a server without a stream (KServe) gets one unary ModelInfer a frame. A stock server
+takes only the FP32 activation, so a defence that sends another form is refused before the first frame
+(`Cloud.refusal`).
 
 A break is the cloud (or a proxy in front of it) going away: the call fails (UNAVAILABLE, a connection reset: any
 status but those that say the request itself is wrong, FATAL), or it ends before every frame is answered, or the
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -91,8 +95,10 @@ def check_cloud(
         )
 
 
-STREAMS = ("auto", "triton", "off")  # the device's --stream choices
-STREAMING_SERVERS = ("splitleak", "triton")  # servers whose ModelStreamInfer is Triton's (ModelStreamInferResponse)
+STREAMS = ("auto", "triton", "oip", "off")  # the device's --stream choices
+# What --stream auto picks by the server's name in ServerMetadata; "off" for any other.
+STREAM_OF_SERVER = {"splitleak": "triton", "triton": "triton", "mlserver": "oip"}
+_STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class Cloud:
@@ -101,9 +107,10 @@ class Cloud:
 
     `tls`: mutual TLS, as the cloud (or proxy) wants it; None: plaintext.
 
-    `stream`: "triton" sends frames over Triton's ModelStreamInfer (splitleak's cloud and Triton have it), "off" one
-    unary ModelInfer each (any OIP server has it: KServe has no streaming call, and MLServer's answers with another
-    message type), "auto" picks by the server's name in ServerMetadata. `server` is that name ("" if not told)."""
+    `stream`: "triton" sends frames over Triton's ModelStreamInfer (splitleak's cloud and Triton have it), "oip" over
+    the ModelStreamInfer whose answers are bare ModelInferResponses (MLServer's), "off" one unary ModelInfer each (any
+    OIP server has it: KServe has no streaming call), "auto" picks by the server's name in ServerMetadata
+    (STREAM_OF_SERVER). `server` is that name ("" if not told)."""
 
     def __init__(self, target: str, tls: Tls | None = None, stream: str = "auto") -> None:
         if stream not in STREAMS:
@@ -116,8 +123,36 @@ class Cloud:
         self.stub: pb_grpc.GRPCInferenceServiceStub | None = None
 
     @property
-    def streaming(self) -> bool:
-        return self.stream == "triton" or (self.stream == "auto" and self.server in STREAMING_SERVERS)
+    def mode(self) -> str:
+        """How frames go: "triton", "oip" or "off", as asked or as --stream auto picked for this server."""
+        return STREAM_OF_SERVER.get(self.server, "off") if self.stream == "auto" else self.stream
+
+    def open_stream(self, requests) -> tuple[grpc.Call, Iterator[pb.ModelStreamInferResponse]]:
+        """Begin a ModelStreamInfer call sending `requests`: (the call, to cancel it; its answers, read as Triton's)."""
+        if self.mode == "triton":
+            call = self.stub.ModelStreamInfer(requests)
+            return call, call
+        # The same method and requests, answered with what Triton would put in infer_response. MLServer gives every
+        # answer of a call the id of the call's first request, so the order names the frame: it answers in order.
+        sent: deque[str] = deque()
+
+        def remembered():
+            for request in requests:
+                sent.append(request.id)
+                yield request
+
+        call = self._channel.stream_stream(
+            _STREAM_METHOD,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )(remembered())
+
+        def answers():
+            for answer in call:
+                answer.id = sent.popleft()
+                yield pb.ModelStreamInferResponse(infer_response=answer)
+
+        return call, answers()
 
     def connect(self, head: Head, timeout_s: float, wait_for_ready: bool = True) -> None:
         """Open a channel and check the cloud serves `head`'s tail (DeviceError if not)."""
@@ -134,7 +169,11 @@ class Cloud:
     def describe(self) -> str:
         """Which server this is and how frames go to it, for the device's first line."""
         server = self.server or "an OIP server that does not say which"
-        how = "over Triton's ModelStreamInfer" if self.streaming else "one ModelInfer a frame"
+        how = {
+            "triton": "over Triton's ModelStreamInfer",
+            "oip": "over a ModelStreamInfer that answers bare ModelInferResponses",
+            "off": "one ModelInfer a frame",
+        }[self.mode]
         return f"{server}, {how}" + (", picked by --stream auto" if self.stream == "auto" else "")
 
     def refusal(self, defence: defences.Defence, head: Head) -> str | None:
@@ -237,13 +276,13 @@ class Stream:
 
     def _stream(self) -> str | None:
         """One call: None once every frame is answered, or why it broke."""
-        if not self.cloud.streaming:
+        if self.cloud.mode == "off":
             return self._unary()
         closed = threading.Event()
-        call = self.cloud.stub.ModelStreamInfer(self.ledger.requests(closed))
+        call, answers = self.cloud.open_stream(self.ledger.requests(closed))
         why = "the cloud ended the stream"
         try:
-            for response in call:
+            for response in answers:
                 if response.error_message.startswith(GOING_AWAY):
                     why = f"the cloud is going away: {response.error_message}"
                     self.ledger.close(closed)  # and read on: what the cloud took is still answered
@@ -254,7 +293,7 @@ class Stream:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise DeviceError(
-                    f"the cloud at {self.cloud.target} has no Triton ModelStreamInfer ({e.details()}); "
+                    f"the cloud at {self.cloud.target} has no ModelStreamInfer ({e.details()}); "
                     "send one ModelInfer a frame with --stream off"
                 ) from e
             if e.code() in FATAL:
@@ -296,7 +335,8 @@ class Stream:
             # error_message and no answer names a frame. Nothing that follows would either.
             raise DeviceError(
                 f"the cloud at {self.cloud.target} answered a frame it was never sent (id {request_id[:40]!r}, "
-                f"error {response.error_message[:80]!r}): its ModelStreamInfer is not Triton's; use --stream off"
+                f"error {response.error_message[:80]!r}): its ModelStreamInfer is not Triton's; use --stream oip "
+                "(bare ModelInferResponse answers, as MLServer's) or --stream off"
             )
         record = self.ledger.record(request_id)
         if record is None:

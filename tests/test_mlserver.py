@@ -1,6 +1,7 @@
 """The tail on Seldon's MLServer: `mlserver start` from .venv-mlserver (which `make test` builds), serving the
-repository `splitleak mlserver repo` writes, on loopback; the device sends it one unary ModelInfer a frame, since
-MLServer's streaming call is not Triton's. Skipped, saying why, where MLServer's venv is missing or it cannot start."""
+repository `splitleak mlserver repo` writes, on loopback; the device streams to it over MLServer's ModelStreamInfer,
+which answers bare ModelInferResponses (`--stream oip`), or sends one unary ModelInfer a frame. Skipped, saying why,
+where MLServer's venv is missing or it cannot start."""
 
 from __future__ import annotations
 
@@ -30,13 +31,25 @@ def test_the_device_sends_200_frames_at_every_split_to_mlserver_with_the_predict
     agrees_with_splitleak_s_cloud(mlserver_port, shipped_cloud, shipped_model_dir, tmp_path)
 
 
-def test_mlserver_gets_one_model_infer_a_frame_and_forcing_its_stream_fails_in_one_line(mlserver_port, tmp_path):
-    done = run_device(mlserver_port, tmp_path / "auto.json", "--limit", "5", "--split", "layer3")
-    assert done.returncode == 0, done.stderr
-    assert "(mlserver, one ModelInfer a frame, picked by --stream auto)" in done.stdout
+def test_mlserver_gets_its_own_stream_or_one_model_infer_a_frame_and_triton_s_stream_fails_in_one_line(
+    mlserver_port, tmp_path
+):
+    answers = {}
+    for stream, how in [
+        ("auto", "over a ModelStreamInfer that answers bare ModelInferResponses, picked by --stream auto"),
+        ("off", "one ModelInfer a frame"),
+    ]:
+        done = run_device(mlserver_port, tmp_path / f"{stream}.json", "--limit", "20", "--stream", stream)
+        assert done.returncode == 0, done.stderr
+        assert f"(mlserver, {how})" in done.stdout
+        report = json.loads((tmp_path / f"{stream}.json").read_text())
+        assert report["summary"]["reconnects"] == 0  # one call carries every frame
+        answers[stream] = [(f["frame"], f["prediction"], f["error"]) for f in report["frames"]]
+    assert len(answers["auto"]) == 20 and answers["auto"] == answers["off"]
     forced = run_device(mlserver_port, tmp_path / "forced.json", "--limit", "5", "--stream", "triton")
     assert forced.returncode == 1 and "Traceback" not in forced.stderr
-    assert forced.stderr.strip().splitlines()[-1].endswith("its ModelStreamInfer is not Triton's; use --stream off")
+    last = forced.stderr.strip().splitlines()[-1]
+    assert last.endswith("use --stream oip (bare ModelInferResponse answers, as MLServer's) or --stream off")
 
 
 def test_mlserver_refuses_a_bad_shape_and_an_unknown_model_with_a_status_that_says_why(mlserver_port):
