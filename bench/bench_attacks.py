@@ -1,13 +1,15 @@
 """What inverting costs: the attacks' time per frame, side by side with the head that made the activations.
 
-1. `decoder` (InverseNetwork): one batched forward pass over BATCH intercepted 32x32 frames, against the head's own
-   forward pass (ONNX Runtime, what the device runs) on the same frames; reports frames/s and the ratio. The target
-   is at least 500 frames/s on a 2-core laptop CPU at every split point.
+1. `decoder` (InverseNetwork), and on ResNet-20 `datafree` (its inverse blocks, run one after another): one batched
+   forward pass over BATCH intercepted 32x32 frames, against the head's own forward pass (ONNX Runtime, what the
+   device runs) on the same frames; reports frames/s and the ratio. The target is at least 500 frames/s on a 2-core
+   laptop CPU at every split point.
 2. `rmle` (RegularizedMLE): RMLE_STEPS Adam steps on RMLE_BATCH frames, extrapolated linearly to the paper's 5000
    steps per frame (every step costs the same: one forward and one backward pass of the head), against the decoder.
 
 Timing does not depend on the weights, so the models here are random-initialised ResNet-20 (bench/conftest.py) and
-He et al.'s CNN, and the decoder is trained for one epoch on a handful of random images (quality is not measured).
+He et al.'s CNN, the decoder is trained for one epoch on a handful of random images, and `datafree` synthesises 8
+images in one step and trains on them for one epoch, at its default width (quality is not measured).
 
     .venv/bin/pytest bench/bench_attacks.py --benchmark-enable
 
@@ -41,6 +43,11 @@ SEED = 0
 CASES = [("resnet20", s) for s in zoo.ZOO["resnet20"].split_points] + [
     ("hecnn", s) for s in zoo.ZOO["hecnn"].split_points
 ]
+# He et al.'s CNN has no batch norm for the data-free attack to start from.
+RUNNERS = [
+    (*case, r) for case in CASES for r in ("head", "decoder", "datafree") if r != "datafree" or case[0] != "hecnn"
+]
+DATAFREE_TINY = dict(synthetic_images=8, synthesis_steps=1, batch_size=8, epochs=1, adapt_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +72,17 @@ def intercepted(m: manifest.Manifest, split: str, n: int) -> np.ndarray:
 
 
 # The head runs first in each case: it is the baseline the decoder's ratio is taken against.
-@pytest.mark.parametrize(("model", "split", "runner"), [(*case, r) for case in CASES for r in ("head", "decoder")])
+@pytest.mark.parametrize(("model", "split", "runner"), RUNNERS)
 def test_decoder_inverts_a_batch_against_the_head_that_made_it(benchmark, ratios, model_dirs, model, split, runner):
     m = manifest.load(model_dirs[model])
     if runner == "head":
         head, x = session(m.split(split).head), model_input(m, frames(BATCH))
         run, args = (lambda image: head.run(["activation"], {"image": image})), (x,)
     else:
-        attack = build("decoder", manifest=m, split=split, auxiliary=frames(64), epochs=1)
+        if runner == "decoder":
+            attack = build("decoder", manifest=m, split=split, auxiliary=frames(64), epochs=1)
+        else:
+            attack = build("datafree", manifest=m, split=split, **DATAFREE_TINY)
         run, args = attack.invert, (intercepted(m, split, BATCH),)
     benchmark.group = f"{model}.{split}, {BATCH} frames of 32x32"
     benchmark.pedantic(run, args=args, rounds=ROUNDS, warmup_rounds=1)
