@@ -48,6 +48,10 @@ MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refu
 # Health and metadata requests hold a name or two, and are parsed on the event loop: a larger one is refused unread,
 # so that none keeps the loop from answering the rest.
 MAX_PLAIN_BYTES = 64 * 1024
+# An inference request to a tail cheap enough to run on the event loop (Tail.inline) is answered there if it is no
+# larger than this: parsing it takes microseconds, and even 1-bit quantised frames at that size are a batch whose run
+# keeps the loop under a millisecond.
+INLINE_BYTES = 64 * 1024
 
 log = logging.getLogger("splitleak.cloud")
 
@@ -73,12 +77,13 @@ class InferenceService:
         self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
         self.executor = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="cloud-tail")
 
-    def answer(self, raw: bytes) -> pb.ModelInferResponse:
-        """Parse, check and run one serialized ModelInferRequest."""
+    def answer(self, raw: bytes, checked: bool = False) -> pb.ModelInferResponse:
+        """Parse, check and run one serialized ModelInferRequest (`checked`: wire.check_request has passed it)."""
         recv_ns = time.time_ns()
         start = time.perf_counter()
         try:
-            wire.check_request(raw)
+            if not checked:
+                wire.check_request(raw)
             request = pb.ModelInferRequest.FromString(raw)
         except (wire.WireError, DecodeError) as e:
             raise InferError(
@@ -113,16 +118,9 @@ class InferenceService:
         tail = self._tail(name, version)
         if tail is None:
             raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
-        tail.validate(request)
-        try:
-            with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
-                activation = defences.restore(
-                    codec.decode_request(request),
-                    codec.get_parameters(request.parameters),
-                    shape=tail.activation_shape,
-                )
-        except (codec.CodecError, defences.RestoreError) as e:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
+        activation = tail.plain_activation(request)
+        if activation is None:  # a defended form, or a request that is wrong
+            activation = self._restore(tail, request)
         non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
         if non_finite:
             raise InferError(
@@ -146,6 +144,18 @@ class InferenceService:
             {"cloud_recv_ns": recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
         )
 
+    def _restore(self, tail: Tail, request: pb.ModelInferRequest) -> np.ndarray:
+        tail.validate(request)
+        try:
+            with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
+                return defences.restore(
+                    codec.decode_request(request),
+                    codec.get_parameters(request.parameters),
+                    shape=tail.activation_shape,
+                )
+        except (codec.CodecError, defences.RestoreError) as e:
+            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
+
     def _tail(self, name: str, version: str) -> Tail | None:
         return self.tails.get(name) if version in ("", "1") else None
 
@@ -153,13 +163,14 @@ class InferenceService:
         what = f"model {quote(name)}" + (f" version {quote(version)}" if version else "")
         return f"{what} is not served here (only version 1 exists); models: {', '.join(sorted(self.tails))}"
 
-    # Inference over gRPC: requests come as bytes and are parsed on the pool, so that a message that is not a
-    # request is answered INVALID_ARGUMENT like any other bad one, and a large one never stalls the event loop.
+    # Inference over gRPC: requests come as bytes, so that a message that is not a request is answered
+    # INVALID_ARGUMENT like any other bad one. A small one to a cheap tail is answered on the event loop, the rest
+    # on the pool, so that a large one never stalls the loop.
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with self.gate.call(context, "ModelInfer") as admitted:
             if admitted:
-                response, error = await self._on_pool(self._answer_unary, raw)
+                response, error = await self._answered(self._answer_unary, raw)
                 if error is None:
                     return response
                 self.gate.fail(context, "ModelInfer", error.code, error.message)
@@ -167,35 +178,41 @@ class InferenceService:
 
     async def model_stream_infer(self, requests, context: grpc.aio.ServicerContext) -> None:
         async with self.gate.call(context, "ModelStreamInfer") as admitted:
-            reader = serving.Reader(context, self.gate.stopping)
-            try:
-                while admitted and (raw := await reader.next(self.gate.limits.idle_timeout_s)) is not None:
-                    answer, error = await self._on_pool(self._answer_in_band, raw)
+            if not admitted:
+                return
+            async with serving.Watch(self.gate, context, self.gate.limits.idle_timeout_s) as stream:
+                while (raw := await stream.read()) is not None:
+                    answer, error = await self._answered(self._answer_in_band, raw)
                     if error is not None:
                         self.gate.error(context.peer(), "ModelStreamInfer", error.code, error.message)
-                    await serving.send(context, answer, self.gate.limits.idle_timeout_s)
-                    if self.gate.stopping.is_set():
-                        raise serving.Stopping()
-            finally:
-                reader.close()
+                    await stream.write(answer)
 
-    def _answer_unary(self, raw: bytes) -> tuple[bytes | None, InferError | None]:
+    async def _answered(self, respond, raw: bytes):
+        """`respond(raw, checked)` on the event loop if the request is small and its tail cheap, else on the pool."""
+        if len(raw) <= INLINE_BYTES:
+            try:
+                name = wire.check_request(raw)
+            except wire.WireError:
+                return respond(raw, False)  # refused in microseconds, saying why
+            tail = self.tails.get(name.decode(errors="replace"))
+            if tail is None or tail.inline:
+                return respond(raw, True)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, respond, raw, False)
+
+    def _answer_unary(self, raw: bytes, checked: bool) -> tuple[bytes | None, InferError | None]:
         try:
-            return self.answer(raw).SerializeToString(), None
+            return self.answer(raw, checked).SerializeToString(), None
         except InferError as e:
             return None, e.with_traceback(None)  # its frames hold the request: let them go now
 
-    def _answer_in_band(self, raw: bytes) -> tuple[bytes, InferError | None]:
+    def _answer_in_band(self, raw: bytes, checked: bool) -> tuple[bytes, InferError | None]:
         try:
-            return pb.ModelStreamInferResponse(infer_response=self.answer(raw)).SerializeToString(), None
+            return pb.ModelStreamInferResponse(infer_response=self.answer(raw, checked)).SerializeToString(), None
         except InferError as e:
             response = pb.ModelStreamInferResponse(
                 error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=e.request_id)
             )
             return response.SerializeToString(), e.with_traceback(None)
-
-    async def _on_pool(self, work, raw: bytes):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, raw)
 
     # Health and metadata: answered on the event loop, whatever the streams are doing.
 
@@ -280,7 +297,7 @@ async def serve(
 
 async def drain(server: grpc.aio.Server, service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
     """Stop taking work, answer what has been received, end open streams, and stop within the grace period."""
-    service.gate.stopping.set()
+    service.gate.stop()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(service.gate.limits.grace_s)
     # A tail still running past the grace period finishes on its thread; nothing waits for its answer.

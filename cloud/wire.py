@@ -11,7 +11,7 @@ them, are stepped over whole: the walk reads at most a few thousand headers, wha
 from __future__ import annotations
 
 # Field numbers in protos/inference.proto.
-_INPUTS, _OUTPUTS = 5, 6  # of ModelInferRequest
+_MODEL_NAME, _INPUTS, _OUTPUTS = 1, 5, 6  # of ModelInferRequest
 _SHAPE, _CONTENTS = 3, 5  # of InferInputTensor
 
 MAX_FIELDS = 64  # at the top of a request, and in each tensor: parameters, inputs, raw contents, dimensions
@@ -22,11 +22,15 @@ class WireError(ValueError):
     """The message is not one the cloud will parse; the message says why."""
 
 
-def check_request(raw: bytes) -> None:
-    """Raise WireError if `raw` is malformed or holds more repeated elements than a request the cloud answers."""
+def check_request(raw: bytes) -> bytes:
+    """Raise WireError if `raw` is malformed or holds more repeated elements than a request the cloud answers; the
+    model's name as it was sent (UTF-8), so that the cloud can pick where to answer it before parsing it."""
     view = memoryview(raw)
+    name = b""
     for number, start, end in _fields(view, 0, len(view), "the request"):
-        if number == _INPUTS:
+        if number == _MODEL_NAME:
+            name = view[start:end]  # the last one, as protobuf reads a field sent twice
+        elif number == _INPUTS:
             for inner, start_, end_ in _fields(view, start, end, "an input tensor"):
                 if inner == _SHAPE and end_ - start_ > MAX_SHAPE_BYTES:
                     raise WireError(f"an input's shape takes {end_ - start_} bytes; {MAX_SHAPE_BYTES} hold any shape")
@@ -34,6 +38,7 @@ def check_request(raw: bytes) -> None:
                     raise WireError("typed contents are not read here; send each tensor in raw_input_contents")
         elif number == _OUTPUTS:
             _fields(view, start, end, "a requested output")
+    return bytes(name)
 
 
 def _fields(view: memoryview, start: int, end: int, what: str) -> list[tuple[int, int, int]]:
