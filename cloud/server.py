@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
 from splitleak.cloud import wire
+from splitleak.cloud.batcher import Batcher, Batching
 from splitleak.cloud.tail import InferError, Tail, add_models_argument, load_tails
 from splitleak.core import codec, defences, serving, transport
 from splitleak.core.serving import quote
@@ -52,12 +55,24 @@ MAX_PLAIN_BYTES = 64 * 1024
 # larger than this: parsing it takes microseconds, and even 1-bit quantised frames at that size are a batch whose run
 # keeps the loop under a millisecond.
 INLINE_BYTES = 64 * 1024
+BATCH_DELAY_MS = 1.0  # with --batch-max: see docs/cloud.md for what this costs one device and gains eight
 
 log = logging.getLogger("splitleak.cloud")
 
 # Called with every request the cloud accepts, as it arrived (serialized), and the wall clock (ns) when it did, before
 # it runs: where a curious cloud keeps its copy.
 RequestObserver = Callable[[bytes, int], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request parsed and checked, waiting for its tail's logits."""
+
+    request: pb.ModelInferRequest
+    tail: Tail
+    activation: np.ndarray  # (B, *tail.activation_shape) float32
+    recv_ns: int  # wall clock when it arrived
+    start: float  # perf_counter then
 
 
 class InferenceService:
@@ -71,14 +86,32 @@ class InferenceService:
         limits: serving.Limits | None = None,
         workers: int | None = None,
         observers: list[RequestObserver] | None = None,
+        batching: Batching | None = None,
     ) -> None:
         self.tails = tails
         self.observers = observers or []
         self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
         self.executor = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="cloud-tail")
+        # One batcher per tail, made on the event loop's first request (they hold its futures).
+        self.batching = batching
+        self._batchers: dict[str, Batcher] | None = None
+
+    @property
+    def batchers(self) -> dict[str, Batcher] | None:
+        if self.batching is None:
+            return None
+        if self._batchers is None:
+            self._batchers = {name: Batcher(tail, self.batching, self.executor) for name, tail in self.tails.items()}
+        return self._batchers
 
     def answer(self, raw: bytes, checked: bool = False) -> pb.ModelInferResponse:
         """Parse, check and run one serialized ModelInferRequest (`checked`: wire.check_request has passed it)."""
+        job = self.prepare(raw, checked)
+        with self._faults(job.request):
+            return self.finish(job, job.tail.run(job.activation))
+
+    def prepare(self, raw: bytes, checked: bool = False) -> Job:
+        """Parse and check a serialized ModelInferRequest, up to the activation its tail is to run."""
         recv_ns = time.time_ns()
         start = time.perf_counter()
         try:
@@ -102,47 +135,55 @@ class InferenceService:
                 f"request id of {len(request_id)} characters; at most {MAX_ID_CHARS}, as every answer echoes it",
                 request_id[:MAX_ID_CHARS],
             )
+        with self._faults(request, request_id):
+            name, version = request.model_name, request.model_version
+            tail = self._tail(name, version)
+            if tail is None:
+                raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
+            activation = tail.plain_activation(request)
+            if activation is None:  # a defended form, or a request that is wrong
+                activation = self._restore(tail, request)
+            non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
+            if non_finite:
+                raise InferError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{tail.name}: the activation holds {non_finite} NaN or infinite values; logits computed from "
+                    "them would be NaN or infinite too, meaningless as a prediction",
+                )
+            for observe in self.observers:
+                observe(raw, recv_ns)
+        return Job(request, tail, activation, recv_ns, start)
+
+    def finish(self, job: Job, logits: np.ndarray) -> pb.ModelInferResponse:
+        """The answer to a prepared request, given the logits its tail gave."""
+        if not np.isfinite(logits).all():
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{job.tail.name}: the activation's values (largest magnitude {np.abs(job.activation).max():.3g}) "
+                "overflow the tail: its logits are not finite, meaningless as a prediction",
+            )
+        compute_ms = (time.perf_counter() - job.start) * 1e3
+        return codec.encode_response(
+            job.request,
+            {"logits": logits},
+            {"cloud_recv_ns": job.recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
+        )
+
+    @contextlib.contextmanager
+    def _faults(self, request: pb.ModelInferRequest, request_id: str | None = None):
+        """What goes wrong from here on answers with the request's id; a fault of the cloud's is INTERNAL."""
         try:
-            return self._infer(request, raw, recv_ns, start)
+            yield
         except InferError as e:
-            e.request_id = request_id
+            e.request_id = request.id if request_id is None else request_id
             raise
         except Exception as e:  # noqa: BLE001 - a fault of the cloud's, not the client's: logged whole, said plainly
             log.exception("failed on a request to %s", quote(request.model_name))
             raise InferError(
-                grpc.StatusCode.INTERNAL, f"the cloud failed on this request ({type(e).__name__})", request_id
+                grpc.StatusCode.INTERNAL,
+                f"the cloud failed on this request ({type(e).__name__})",
+                request.id if request_id is None else request_id,
             ) from e
-
-    def _infer(self, request: pb.ModelInferRequest, raw: bytes, recv_ns: int, start: float) -> pb.ModelInferResponse:
-        name, version = request.model_name, request.model_version
-        tail = self._tail(name, version)
-        if tail is None:
-            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
-        activation = tail.plain_activation(request)
-        if activation is None:  # a defended form, or a request that is wrong
-            activation = self._restore(tail, request)
-        non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
-        if non_finite:
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{tail.name}: the activation holds {non_finite} NaN or infinite values; logits computed from them "
-                "would be NaN or infinite too, meaningless as a prediction",
-            )
-        for observe in self.observers:
-            observe(raw, recv_ns)
-        logits = tail.run(activation)
-        if not np.isfinite(logits).all():
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{tail.name}: the activation's values (largest magnitude {np.abs(activation).max():.3g}) overflow "
-                "the tail: its logits are not finite, meaningless as a prediction",
-            )
-        compute_ms = (time.perf_counter() - start) * 1e3
-        return codec.encode_response(
-            request,
-            {"logits": logits},
-            {"cloud_recv_ns": recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
-        )
 
     def _restore(self, tail: Tail, request: pb.ModelInferRequest) -> np.ndarray:
         tail.validate(request)
@@ -170,7 +211,7 @@ class InferenceService:
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with self.gate.call(context, "ModelInfer") as admitted:
             if admitted:
-                response, error = await self._answered(self._answer_unary, raw)
+                response, error = await self._answered(raw, in_band=False)
                 if error is None:
                     return response
                 self.gate.fail(context, "ModelInfer", error.code, error.message)
@@ -182,37 +223,53 @@ class InferenceService:
                 return
             async with serving.Watch(self.gate, context, self.gate.limits.idle_timeout_s) as stream:
                 while (raw := await stream.read()) is not None:
-                    answer, error = await self._answered(self._answer_in_band, raw)
+                    answer, error = await self._answered(raw, in_band=True)
                     if error is not None:
                         self.gate.error(context.peer(), "ModelStreamInfer", error.code, error.message)
                     await stream.write(answer)
 
-    async def _answered(self, respond, raw: bytes):
-        """`respond(raw, checked)` on the event loop if the request is small and its tail cheap, else on the pool."""
-        if len(raw) <= INLINE_BYTES:
-            try:
-                name = wire.check_request(raw)
-            except wire.WireError:
-                return respond(raw, False)  # refused in microseconds, saying why
-            tail = self.tails.get(name.decode(errors="replace"))
-            if tail is None or tail.inline:
-                return respond(raw, True)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, respond, raw, False)
-
-    def _answer_unary(self, raw: bytes, checked: bool) -> tuple[bytes | None, InferError | None]:
+    async def _answered(self, raw: bytes, *, in_band: bool) -> tuple[bytes | None, InferError | None]:
+        """The serialized answer (a ModelStreamInferResponse if `in_band`, with the error in it, else a
+        ModelInferResponse or None) and the error it reports."""
         try:
-            return self.answer(raw, checked).SerializeToString(), None
+            response = await self._response(raw)
         except InferError as e:
-            return None, e.with_traceback(None)  # its frames hold the request: let them go now
-
-    def _answer_in_band(self, raw: bytes, checked: bool) -> tuple[bytes, InferError | None]:
-        try:
-            return pb.ModelStreamInferResponse(infer_response=self.answer(raw, checked)).SerializeToString(), None
-        except InferError as e:
-            response = pb.ModelStreamInferResponse(
+            e = e.with_traceback(None)  # its frames hold the request: let them go now
+            if not in_band:
+                return None, e
+            answer = pb.ModelStreamInferResponse(
                 error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=e.request_id)
             )
-            return response.SerializeToString(), e.with_traceback(None)
+            return answer.SerializeToString(), e
+        if in_band:
+            return pb.ModelStreamInferResponse(infer_response=response).SerializeToString(), None
+        return response.SerializeToString(), None
+
+    async def _response(self, raw: bytes) -> pb.ModelInferResponse:
+        """On the event loop if the request is small and its tail cheap, else on the pool; through the tail's
+        batcher if the cloud batches."""
+        inline, checked = self._inline(raw)
+        if self.batchers is None:
+            if inline:
+                return self.answer(raw, checked)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.answer, raw, checked)
+        if inline:
+            job = self.prepare(raw, checked)
+        else:
+            job = await asyncio.get_running_loop().run_in_executor(self.executor, self.prepare, raw, checked)
+        with self._faults(job.request):
+            return self.finish(job, await self.batchers[job.tail.name].run(job.activation))
+
+    def _inline(self, raw: bytes) -> tuple[bool, bool]:
+        """Whether to answer `raw` on the event loop, and whether wire.check_request has passed it."""
+        if len(raw) > INLINE_BYTES:
+            return False, False
+        try:
+            name = wire.check_request(raw)
+        except wire.WireError:
+            return True, False  # refused in microseconds, saying why
+        tail = self.tails.get(name.decode(errors="replace"))
+        return tail is None or tail.inline, True
 
     # Health and metadata: answered on the event loop, whatever the streams are doing.
 
@@ -316,6 +373,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="threads that parse, check and run requests (default: one per core)",
     )
     parser.add_argument("--threads", type=serving.positive_int, default=1, help="ONNX Runtime threads per inference")
+    parser.add_argument(
+        "--batch-max",
+        type=serving.positive_int,
+        default=1,
+        metavar="N",
+        help="dynamic batching: gather the frames of requests from every stream into one run of their tail, up to N "
+        "frames (default 1: each request runs alone)",
+    )
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=serving.non_negative_float,
+        default=BATCH_DELAY_MS,
+        metavar="D",
+        help=f"with --batch-max: run a batch at most D ms after its first request came (default {BATCH_DELAY_MS:g})",
+    )
     serving.Limits.add_arguments(parser)
     parser.add_argument(
         "--record",
@@ -348,7 +420,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) -> int:
-    service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers)
+    batching = Batching(args.batch_max, args.batch_delay_ms / 1e3) if args.batch_max > 1 else None
+    service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers, batching=batching)
     try:
         server, port, health_servicer = await serve(service, host=args.host, port=args.port, tls=args.tls)
     except OSError as e:
