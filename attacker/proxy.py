@@ -128,7 +128,7 @@ class Proxy:
         return port
 
     async def _stop(self, grace_s: float) -> None:
-        self.gate.stopping.set()
+        self.gate.stop()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
         await self._forwarder.close()
@@ -168,7 +168,9 @@ class _Forwarder(grpc.GenericRpcHandler):
                     except grpc.RpcError as e:
                         _relay_error(context, e)
                         return b""
-                    await context.send_initial_metadata(await call.initial_metadata())
+                    headers = await call.initial_metadata()
+                    if headers:  # none, as from splitleak's cloud: gRPC sends its own with the response, one write
+                        await context.send_initial_metadata(headers)
                     context.set_trailing_metadata(tuple(await call.trailing_metadata()))
                     return response
         return b""  # the status says why
@@ -177,7 +179,7 @@ class _Forwarder(grpc.GenericRpcHandler):
         counted = method in CAPTURED_METHODS or method not in _CARDINALITY
         async with self.gate.call(context, method, counted=counted) as admitted:
             if admitted:
-                reader = serving.Reader(context, self.gate.stopping)
+                reader = serving.Reader(context, self.gate)
                 passed = functools.partial(self._passed, method)
                 try:
                     async with self._upstream(context.peer()) as channel:

@@ -55,7 +55,7 @@ MAX_PLAIN_BYTES = 64 * 1024
 # larger than this: parsing it takes microseconds, and even 1-bit quantised frames at that size are a batch whose run
 # keeps the loop under a millisecond.
 INLINE_BYTES = 64 * 1024
-BATCH_DELAY_MS = 1.0  # with --batch-max: see docs/cloud.md for what this costs one device and gains eight
+BATCH_DELAY_MS = 0.0  # with --batch-max: a batch takes what has come by the event loop's next turn, as Triton's default
 
 log = logging.getLogger("splitleak.cloud")
 
