@@ -3,17 +3,26 @@
 `bare.Echo/Call` answers one unary call with the reply; `bare.Echo/Stream` answers each message of a stream with
 it, as the cloud's ModelStreamInfer answers each request: nothing is parsed, checked or run.
 
-python bench/bare_echo.py REPLY_BYTES   # prints "listening on 127.0.0.1:PORT"
+python bench/bare_echo.py REPLY_BYTES   # prints "listening on 127.0.0.1:PORT"; or start(REPLY_BYTES) from a bench
 """
 
+import re
 import signal
+import subprocess
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 
 from splitleak.core import transport
+
+
+def start(reply_bytes: int) -> tuple[subprocess.Popen, int]:
+    """This server as a process of its own (stop it with splitleak.core.process.stop), and its port."""
+    bare = subprocess.Popen([sys.executable, str(Path(__file__)), str(reply_bytes)], stdout=subprocess.PIPE, text=True)
+    return bare, int(re.search(r":(\d+)", bare.stdout.readline()).group(1))
 
 
 def main() -> None:

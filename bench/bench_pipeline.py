@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import queue
-import re
-import subprocess
-import sys
 from pathlib import Path
 
+import bare_echo
 import numpy as np
 import pytest
 import torch
@@ -50,15 +48,6 @@ def frame_request(model_dir: Path, split: str):
     return codec.encode_request(head.served_name, {"activation": activation}, parameters={"frame_id": 0})
 
 
-def bare_echo(reply_bytes: int) -> tuple[subprocess.Popen, int]:
-    bare = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "bare_echo.py"), str(reply_bytes)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return bare, int(re.search(r":(\d+)", bare.stdout.readline()).group(1))
-
-
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("route", ["bare grpcio", "splitleak"])
 def test_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port, split, route):
@@ -79,7 +68,7 @@ def test_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port, split
             benchmark.pedantic(splitleak_call, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
             ratios.record(benchmark, f"splitleak {split}", baseline=f"bare grpcio {split}")
             return
-    bare, port = bare_echo(reply.ByteSize())
+    bare, port = bare_echo.start(reply.ByteSize())
     try:
         with transport.channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary("/bare.Echo/Call")
@@ -103,7 +92,7 @@ def test_stream_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port
     if route == "bare grpcio":
         with transport.channel(f"127.0.0.1:{cloud_port}") as channel:
             reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(frame_request(model_dir, split))
-        bare, port = bare_echo(pb.ModelStreamInferResponse(infer_response=reply).ByteSize())
+        bare, port = bare_echo.start(pb.ModelStreamInferResponse(infer_response=reply).ByteSize())
         method = "/bare.Echo/Stream"
     else:
         port, method = cloud_port, f"/{transport.SERVICE_NAME}/ModelStreamInfer"
