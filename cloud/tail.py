@@ -127,16 +127,17 @@ class Tail:
         """The activation of a request in the form an undefended device sends (one FP32 input `activation` of the
         tail's shape in raw_input_contents, a batch of 1 to MAX_BATCH, no output asked for but `logits`), read with
         a few comparisons; None for any other form, which `validate`, the codec and `restore` check in full."""
-        if len(request.inputs) != 1 or len(request.raw_input_contents) != 1 or self.activation_datatype != "FP32":
+        inputs, contents, outputs = request.inputs, request.raw_input_contents, request.outputs
+        if len(inputs) != 1 or len(contents) != 1 or self.activation_datatype != "FP32":
             return None
-        tensor = request.inputs[0]
+        tensor = inputs[0]
         shape = tuple(tensor.shape)
         if tensor.name != "activation" or tensor.datatype != "FP32" or shape[1:] != self.activation_shape:
             return None
-        if not 1 <= shape[0] <= MAX_BATCH or any(o.name != "logits" for o in request.outputs):
+        if not 1 <= shape[0] <= MAX_BATCH or (outputs and any(o.name != "logits" for o in outputs)):
             return None
-        raw = request.raw_input_contents[0]
-        if len(raw) != 4 * math.prod(shape):
+        raw = contents[0]
+        if len(raw) != shape[0] * 4 * math.prod(self.activation_shape):
             return None
         return np.frombuffer(raw, "<f4").reshape(shape)
 

@@ -123,7 +123,6 @@ class Gate:
         self.stopping = asyncio.Event()
         self.open: Counter[str] = Counter()  # open counted calls by connection (the peer's address and port)
         self.watches: set[Watch] = set()  # the open streams that read through a Watch
-        self.readers: set[Reader] = set()  # the Readers waiting for a request
 
     def stop(self) -> None:
         """Tell open streams the server is stopping: those waiting for a request end now, the others once they have
@@ -131,8 +130,6 @@ class Gate:
         self.stopping.set()
         for watch in list(self.watches):
             watch.end_if_waiting("read", Stopping())
-        for reader in list(self.readers):
-            reader._wake()
 
     @property
     def total(self) -> int:
@@ -200,9 +197,10 @@ class Watch:
     """A stream's reads and writes, ended by the idle timeout (Idle, Stalled) or by the server stopping (Stopping),
     at no cost per message: the handler awaits the read or the write itself, and one timer per stream, moved on only
     when it fires, cancels the handler when it has waited too long. (A timeout and a wait on the stop event around
-    each read and write cost about a third of a small frame's round trip: bench/bench_pipeline.py.)
+    each read and write cost about a third of a small frame's round trip: bench/bench_pipeline.py.) A read cancelled
+    so is lost, which only ever happens as the stream ends.
 
-    Use it as `async with Watch(gate, context, idle_s) as stream:`, in the handler's own task."""
+    Use it as `async with Watch(gate, context, idle_s) as stream:`, in the task that reads: the one it cancels."""
 
     def __init__(self, gate: Gate, context: grpc.aio.ServicerContext, idle_s: float) -> None:
         self._gate, self._context, self._idle_s = gate, context, idle_s
@@ -245,6 +243,10 @@ class Watch:
         finally:
             self._waiting = None
 
+    def touch(self) -> None:
+        """A message went the other way (the proxy's answers): the stream is not idle."""
+        self._since = self._loop.time()
+
     def end_if_waiting(self, what: str, why: Exception) -> None:
         if self._waiting == what and self._ended is None:
             self._ended = why
@@ -256,50 +258,6 @@ class Watch:
             self.end_if_waiting(self._waiting, Idle() if self._waiting == "read" else Stalled())
             return
         self._timer = self._loop.call_later(left if self._waiting is not None else self._idle_s, self._check)
-
-
-class Reader:
-    """A stream's requests, one at a time, each awaited no longer than a timeout and given up when the server stops.
-
-    The pending read outlives a timeout, so a caller that decides the stream was not idle after all loses nothing.
-    Each wait is one future woken by the read, a timer or the gate (Gate.stop), not asyncio.wait on a task per
-    event, which cost the proxy a tenth of a millisecond a frame."""
-
-    def __init__(self, context: grpc.aio.ServicerContext, gate: Gate) -> None:
-        self._context = context
-        self._gate = gate
-        self._pending: asyncio.Future | None = None
-        self._waiter: asyncio.Future | None = None
-
-    async def next(self, timeout_s: float) -> bytes | None:
-        """The next request; None when the client has sent its last. Raises Idle or Stopping."""
-        loop = asyncio.get_running_loop()
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._context.read())
-        if not self._pending.done() and not self._gate.stopping.is_set():
-            self._waiter = waiter = loop.create_future()
-            self._pending.add_done_callback(self._wake)
-            timer = loop.call_later(timeout_s, self._wake)
-            self._gate.readers.add(self)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._pending.remove_done_callback(self._wake)
-                self._gate.readers.discard(self)
-                self._waiter = None
-        if self._pending.done():  # received, so answered, even when the server is stopping
-            message, self._pending = self._pending.result(), None
-            return None if message is grpc.aio.EOF else message
-        raise Stopping() if self._gate.stopping.is_set() else Idle()
-
-    def _wake(self, *_) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
 
 
 async def send(context: grpc.aio.ServicerContext, message: bytes, timeout_s: float) -> None:
