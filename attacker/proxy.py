@@ -304,14 +304,15 @@ class _Relay:
         # (an unknown method) then ends trailers-only through the proxy as it does direct, where headers sent ahead of
         # the refusal raced the status and came back now and then as INTERNAL.
         headers_sent = False
-        while (response := await self.call.read()) is not grpc.aio.EOF:
-            self.taken = True
-            if not headers_sent:
-                await self.context.send_initial_metadata(await self.call.initial_metadata())
-                headers_sent = True
-            if self.watch is not None:
-                self.watch.touch()
-            await serving.send(self.context, response, self.idle_s)
+        async with serving.Watch(self.gate, self.context, self.idle_s) as out:  # its writes: Stalled past the timeout
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                self.taken = True
+                if not headers_sent:
+                    await self.context.send_initial_metadata(await self.call.initial_metadata())
+                    headers_sent = True
+                if self.watch is not None:
+                    self.watch.touch()
+                await out.write(response)
         if not headers_sent:
             await self.context.send_initial_metadata(await self.call.initial_metadata())
 

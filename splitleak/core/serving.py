@@ -260,15 +260,6 @@ class Watch:
         self._timer = self._loop.call_later(left if self._waiting is not None else self._idle_s, self._check)
 
 
-async def send(context: grpc.aio.ServicerContext, message: bytes, timeout_s: float) -> None:
-    """Write one answer; Stalled if the client has read none for `timeout_s` and the transport's buffers are full."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await context.write(message)
-    except TimeoutError:
-        raise Stalled() from None
-
-
 def listen(server: grpc.aio.Server, host: str, port: int, tls: Tls | None = None) -> int:
     """Bind `server` to host:port (0: any free port), with mutual TLS if given; returns the port. OSError, in one
     line, if it cannot."""
