@@ -13,9 +13,13 @@ ModelStreamInfer) an error is answered in-band in `error_message` and the stream
 error answered is one line on stderr. docs/cloud.md has the table, the limits and the measured load.
 
 The server is grpc.aio: streams wait as coroutines, bounded per connection and in all (splitleak.core.serving), and
-each request's work (parsing, checks, the tail) runs on a thread pool of one thread per core, since ONNX Runtime
-releases the GIL while it runs. On SIGTERM the cloud stops taking requests, answers those it has received, ends the
-streams still open (UNAVAILABLE), and exits within the grace period.
+read and write their messages directly, under one idle timer each (serving.Watch). A small request to a tail that
+runs a frame in microseconds (Tail.inline: `layer3` of ResNet-20) is answered on the event loop, where a hop to a
+thread and back would cost more than the work; every other request's work (parsing, checks, the tail) runs on a
+thread pool of one thread per core, since ONNX Runtime releases the GIL while it runs. With `--batch-max`, the frames
+of requests from every stream are gathered into one run of their tail (cloud/batcher.py). On SIGTERM the cloud stops
+taking requests, answers those it has received, ends the streams still open (UNAVAILABLE), and exits within the grace
+period.
 """
 
 from __future__ import annotations
