@@ -128,7 +128,7 @@ class Proxy:
         return port
 
     async def _stop(self, grace_s: float) -> None:
-        self.gate.stopping.set()
+        self.gate.stop()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
         await self._forwarder.close()
@@ -168,7 +168,9 @@ class _Forwarder(grpc.GenericRpcHandler):
                     except grpc.RpcError as e:
                         _relay_error(context, e)
                         return b""
-                    await context.send_initial_metadata(await call.initial_metadata())
+                    headers = await call.initial_metadata()
+                    if headers:  # none, as from splitleak's cloud: gRPC sends its own with the response, one write
+                        await context.send_initial_metadata(headers)
                     context.set_trailing_metadata(tuple(await call.trailing_metadata()))
                     return response
         return b""  # the status says why
@@ -177,21 +179,17 @@ class _Forwarder(grpc.GenericRpcHandler):
         counted = method in CAPTURED_METHODS or method not in _CARDINALITY
         async with self.gate.call(context, method, counted=counted) as admitted:
             if admitted:
-                reader = serving.Reader(context, self.gate.stopping)
                 passed = functools.partial(self._passed, method)
-                try:
-                    async with self._upstream(context.peer()) as channel:
-                        unsent = None
-                        for ask in range(1, ASKS + 1):
-                            call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
-                            relay = _Relay(context, call, reader, self.gate.limits.idle_timeout_s, passed, unsent)
-                            if await relay.run(last=ask == ASKS):
-                                break
-                            unsent = relay.unsent
-                            if await _refused_again(channel, method, unsent, context):
-                                break
-                finally:
-                    reader.close()
+                async with self._upstream(context.peer()) as channel:
+                    unsent = None
+                    for ask in range(1, ASKS + 1):
+                        call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
+                        relay = _Relay(context, call, self.gate, passed, unsent)
+                        if await relay.run(last=ask == ASKS):
+                            break
+                        unsent = relay.unsent
+                        if await _refused_again(channel, method, unsent, context):
+                            break
 
     def _passed(self, method: str, request: bytes) -> None:
         if method in CAPTURED_METHODS:
@@ -231,17 +229,17 @@ class _Forwarder(grpc.GenericRpcHandler):
 class _Relay:
     """One stream both ways: the device's requests up, the cloud's answers down, then the cloud's status.
 
-    It is idle when no message has gone either way for the idle timeout: a device waiting for its answer is not."""
+    It is idle when no message has gone either way for the idle timeout: the device's requests are read through a
+    serving.Watch that each answer relayed touches."""
 
-    def __init__(self, context, call, reader: serving.Reader, idle_s: float, passed, unsent: bytes | None) -> None:
-        self.context, self.call, self.reader = context, call, reader
-        self.idle_s = idle_s
+    def __init__(self, context, call, gate: serving.Gate, passed, unsent: bytes | None) -> None:
+        self.context, self.call, self.gate = context, call, gate
+        self.idle_s = gate.limits.idle_timeout_s
         self.passed = passed  # called with each request on its way to the cloud
         # The device's first request when an earlier call to the cloud ended before taking it: sent first, not re-read.
         self.unsent = unsent
         self.taken = False  # whether the cloud has taken a request or sent an answer on this call
-        self.loop = asyncio.get_running_loop()
-        self.last_message = self.loop.time()
+        self.watch: serving.Watch | None = None  # while _up reads
 
     async def run(self, last: bool) -> bool:
         """Relay until the cloud ends the call; raises Idle, Stalled or Stopping for the gate to end the stream.
@@ -275,24 +273,19 @@ class _Relay:
         """The device's requests to the cloud, until it has sent its last; True if the proxy stopped first."""
         stopped = False
         try:
-            if self.unsent is not None:
-                await self._write(self.unsent)
-            while True:
-                remaining = self.last_message + self.idle_s - self.loop.time()
-                if remaining <= 0:
-                    raise serving.Idle()
-                try:
-                    request = await self.reader.next(remaining)
-                except serving.Idle:
-                    continue  # an answer may have come meanwhile: look again
-                except serving.Stopping:
-                    stopped, request = True, None
-                if request is None:
-                    await self.call.done_writing()
-                    return stopped
-                self.last_message = self.loop.time()
-                self.passed(request)
-                await self._write(request)
+            async with serving.Watch(self.gate, self.context, self.idle_s) as self.watch:
+                if self.unsent is not None:
+                    await self._write(self.unsent)
+                while True:
+                    try:
+                        request = await self.watch.read()
+                    except serving.Stopping:
+                        stopped, request = True, None
+                    if request is None:
+                        await self.call.done_writing()
+                        return stopped
+                    self.passed(request)
+                    await self._write(request)
         except (grpc.RpcError, asyncio.InvalidStateError):
             return stopped  # the cloud has ended the call; _down relays how
 
@@ -311,13 +304,15 @@ class _Relay:
         # (an unknown method) then ends trailers-only through the proxy as it does direct, where headers sent ahead of
         # the refusal raced the status and came back now and then as INTERNAL.
         headers_sent = False
-        while (response := await self.call.read()) is not grpc.aio.EOF:
-            self.taken = True
-            if not headers_sent:
-                await self.context.send_initial_metadata(await self.call.initial_metadata())
-                headers_sent = True
-            self.last_message = self.loop.time()
-            await serving.send(self.context, response, self.idle_s)
+        async with serving.Watch(self.gate, self.context, self.idle_s) as out:  # its writes: Stalled past the timeout
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                self.taken = True
+                if not headers_sent:
+                    await self.context.send_initial_metadata(await self.call.initial_metadata())
+                    headers_sent = True
+                if self.watch is not None:
+                    self.watch.touch()
+                await out.write(response)
         if not headers_sent:
             await self.context.send_initial_metadata(await self.call.initial_metadata())
 

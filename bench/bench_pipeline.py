@@ -2,20 +2,21 @@
 
 1. Transport: one frame's device -> cloud round trip (encode the activation as an OIP request, ModelInfer to a real
    `splitleak cloud` process, decode the logits) against a bare grpcio unary call carrying the same number of bytes
-   each way to a server that does nothing (bench/bare_echo.py). At `layer3` the tail is a pooling and one linear
-   layer, so the ratio is what the protocol, validation and serving cost; at `stem` the tail is most of the model.
+   each way to a server that does nothing (bench/bare_echo.py); and the same over the stream the device uses
+   (ModelStreamInfer, one request then its answer) against the bare server's stream echo. At `layer3` the tail is a
+   pooling and one linear layer, so the ratio is what the protocol, validation and serving cost; at `stem` the tail
+   is most of the model.
 2. Compute: the head at batch 1 in ONNX Runtime (what the device runs) against the same head in PyTorch eager.
 
-    make bench    # or: .venv/bin/pytest bench/bench_pipeline.py --benchmark-enable
+    make bench    # or: .venv/bin/pytest bench/bench_pipeline.py -o python_files='bench_*.py' --benchmark-enable -s
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
+import queue
 from pathlib import Path
 
+import bare_echo
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from splitleak.core import codec, transport
 from splitleak.core.process import start_cloud, stop
 from splitleak.device.head import Head
 from splitleak.model import zoo
+from splitleak.protos import inference_pb2 as pb
 from splitleak.protos import inference_pb2_grpc as pb_grpc
 
 SPLITS = ("stem", "layer3")
@@ -66,12 +68,7 @@ def test_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port, split
             benchmark.pedantic(splitleak_call, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
             ratios.record(benchmark, f"splitleak {split}", baseline=f"bare grpcio {split}")
             return
-    bare = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "bare_echo.py"), str(reply.ByteSize())],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    port = int(re.search(r":(\d+)", bare.stdout.readline()).group(1))
+    bare, port = bare_echo.start(reply.ByteSize())
     try:
         with transport.channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary("/bare.Echo/Call")
@@ -81,6 +78,45 @@ def test_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port, split
             ratios.record(benchmark, f"bare grpcio {split}")
     finally:
         stop(bare)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("route", ["bare grpcio", "bare grpc.aio", "splitleak"])
+def test_stream_round_trip_of_one_frame(benchmark, ratios, model_dir, cloud_port, split, route):
+    """The device's own call: ModelStreamInfer, one request then its answer, against a bare stream echo that answers
+    each message with as many bytes as the cloud's answer holds. Both take the same serialized request, so the ratio
+    is what the cloud adds: parsing, checks, the tail, the answer, the server's own machinery. `bare grpc.aio` is the
+    same echo on the asyncio server the cloud is built on: its ratio is what that server costs before any work."""
+    benchmark.group = f"stream round trip, one frame at {split}"
+    payload = frame_request(model_dir, split).SerializeToString()
+    bare = None
+    if route.startswith("bare"):
+        with transport.channel(f"127.0.0.1:{cloud_port}") as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(frame_request(model_dir, split))
+        size = pb.ModelStreamInferResponse(infer_response=reply).ByteSize()
+        bare, port = bare_echo.start(size, aio=route == "bare grpc.aio")
+        method = "/bare.Echo/Stream"
+    else:
+        port, method = cloud_port, f"/{transport.SERVICE_NAME}/ModelStreamInfer"
+    outbox: queue.Queue = queue.Queue()
+    try:
+        with transport.channel(f"127.0.0.1:{port}") as channel:
+            answers = channel.stream_stream(method)(iter(outbox.get, None))
+
+            def round_trip():
+                outbox.put(payload)
+                return next(answers)
+
+            round_trip()  # connected before the clock starts
+            benchmark.pedantic(round_trip, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+            outbox.put(None)
+            answers.cancel()
+    finally:
+        if bare is not None:
+            stop(bare)
+    ratios.record(
+        benchmark, f"stream {route} {split}", baseline=None if route == "bare grpcio" else f"stream bare grpcio {split}"
+    )
 
 
 @pytest.mark.parametrize("split", ("stem", "layer1", "layer2", "layer3"))

@@ -2,13 +2,18 @@
 
 One unary ModelInfer of the default split's activation (ResNet-20 on CIFAR-10: layer1, 16x32x32 fp32, 64 KiB),
 the cloud and the proxy each a real process on loopback, the proxy writing its capture as it would in an attack.
-Both routes are measured in the same run; the proxied one reports `ratio` (its median over the direct median).
+Both routes are measured in the same run; the proxied one reports `ratio` (its median over the direct median). The
+same over the device's stream, with a bare grpcio stream echo carrying the same bytes beside them: what the proxy
+adds, in bare hops.
 
     .venv/bin/pytest bench/bench_proxy.py --benchmark-enable
 """
 
 from __future__ import annotations
 
+import queue
+
+import bare_echo
 import numpy as np
 import pytest
 
@@ -52,3 +57,41 @@ def test_round_trip_of_one_frame(benchmark, ratios, routes, frame_request, route
         infer(frame_request, wait_for_ready=True)  # connected before the clock starts
         benchmark.pedantic(infer, args=(frame_request,), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     ratios.record(benchmark, f"round trip {route}", baseline=None if route == "direct" else "round trip direct")
+
+
+@pytest.mark.parametrize("route", ["bare hop", "direct", "proxy"])
+def test_stream_round_trip_of_one_frame(benchmark, ratios, routes, frame_request, route):
+    """Over the device's stream. `bare hop` is one stream round trip to a bare grpcio echo with the same bytes
+    (bench/bare_echo.py): the proxy adds no more than one hop when proxy - direct <= bare hop, printed below."""
+    benchmark.group = "ModelStreamInfer round trip, one frame"
+    payload = frame_request.SerializeToString()
+    bare = None
+    if route == "bare hop":
+        with transport.channel(f"127.0.0.1:{routes['direct']}") as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(frame_request)
+        bare, port = bare_echo.start(pb.ModelStreamInferResponse(infer_response=reply).ByteSize())
+        method = "/bare.Echo/Stream"
+    else:
+        port, method = routes[route], f"/{transport.SERVICE_NAME}/ModelStreamInfer"
+    outbox: queue.Queue = queue.Queue()
+    try:
+        with transport.channel(f"127.0.0.1:{port}") as channel:
+            answers = channel.stream_stream(method)(iter(outbox.get, None))
+
+            def round_trip():
+                outbox.put(payload)
+                return next(answers)
+
+            round_trip()  # connected before the clock starts
+            benchmark.pedantic(round_trip, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+            outbox.put(None)
+            answers.cancel()
+    finally:
+        if bare is not None:
+            stop(bare)
+    ratios.record(benchmark, f"stream {route}", baseline=None if route != "proxy" else "stream direct")
+    if route == "proxy" and benchmark.stats is not None:
+        added = ratios.medians["stream proxy"] - ratios.medians["stream direct"]
+        hops = added / ratios.medians["stream bare hop"]
+        benchmark.extra_info["added bare hops"] = round(hops, 3)
+        print(f"the proxy adds {added * 1e3:.3f} ms, {hops:.2f} bare hops")

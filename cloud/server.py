@@ -13,15 +13,20 @@ ModelStreamInfer) an error is answered in-band in `error_message` and the stream
 error answered is one line on stderr. docs/cloud.md has the table, the limits and the measured load.
 
 The server is grpc.aio: streams wait as coroutines, bounded per connection and in all (splitleak.core.serving), and
-each request's work (parsing, checks, the tail) runs on a thread pool of one thread per core, since ONNX Runtime
-releases the GIL while it runs. On SIGTERM the cloud stops taking requests, answers those it has received, ends the
-streams still open (UNAVAILABLE), and exits within the grace period.
+read and write their messages directly, under one idle timer each (serving.Watch). A small request to a tail that
+runs a frame in microseconds (Tail.inline: `layer3` of ResNet-20) is answered on the event loop, where a hop to a
+thread and back would cost more than the work; every other request's work (parsing, checks, the tail) runs on a
+thread pool of one thread per core, since ONNX Runtime releases the GIL while it runs. With `--batch-max`, the frames
+of requests from every stream are gathered into one run of their tail (cloud/batcher.py). On SIGTERM the cloud stops
+taking requests, answers those it has received, ends the streams still open (UNAVAILABLE), and exits within the grace
+period.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -29,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,6 +44,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import splitleak
 from splitleak.cloud import wire
+from splitleak.cloud.batcher import Batcher, Batching
 from splitleak.cloud.tail import InferError, Tail, add_models_argument, load_tails
 from splitleak.core import codec, defences, serving, transport
 from splitleak.core.options import host_port
@@ -49,12 +56,28 @@ MAX_ID_CHARS = 256  # every answer echoes the request's id; a longer one is refu
 # Health and metadata requests hold a name or two, and are parsed on the event loop: a larger one is refused unread,
 # so that none keeps the loop from answering the rest.
 MAX_PLAIN_BYTES = 64 * 1024
+# An inference request to a tail cheap enough to run on the event loop (Tail.inline) is answered there if it is no
+# larger than this: parsing it takes microseconds, and even 1-bit quantised frames at that size are a batch whose run
+# keeps the loop under a millisecond.
+INLINE_BYTES = 64 * 1024
+BATCH_DELAY_MS = 0.0  # with --batch-max: a batch takes what has come by the event loop's next turn, as Triton's default
 
 log = logging.getLogger("splitleak.cloud")
 
 # Called with every request the cloud accepts, as it arrived (serialized), and the wall clock (ns) when it did, before
 # it runs: where a curious cloud keeps its copy.
 RequestObserver = Callable[[bytes, int], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request parsed and checked, waiting for its tail's logits."""
+
+    request: pb.ModelInferRequest
+    tail: Tail
+    activation: np.ndarray  # (B, *tail.activation_shape) float32
+    recv_ns: int  # wall clock when it arrived
+    start: float  # perf_counter then
 
 
 class InferenceService:
@@ -68,18 +91,37 @@ class InferenceService:
         limits: serving.Limits | None = None,
         workers: int | None = None,
         observers: list[RequestObserver] | None = None,
+        batching: Batching | None = None,
     ) -> None:
         self.tails = tails
         self.observers = observers or []
         self.gate = serving.Gate(limits or serving.Limits(), log, "cloud")
         self.executor = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="cloud-tail")
+        # One batcher per tail, made on the event loop's first request (they hold its futures).
+        self.batching = batching
+        self._batchers: dict[str, Batcher] | None = None
 
-    def answer(self, raw: bytes) -> pb.ModelInferResponse:
-        """Parse, check and run one serialized ModelInferRequest."""
+    @property
+    def batchers(self) -> dict[str, Batcher] | None:
+        if self.batching is None:
+            return None
+        if self._batchers is None:
+            self._batchers = {name: Batcher(tail, self.batching, self.executor) for name, tail in self.tails.items()}
+        return self._batchers
+
+    def answer(self, raw: bytes, checked: bool = False) -> pb.ModelInferResponse:
+        """Parse, check and run one serialized ModelInferRequest (`checked`: wire.check_request has passed it)."""
+        job = self.prepare(raw, checked)
+        with self._faults(job.request):
+            return self.finish(job, job.tail.run(job.activation))
+
+    def prepare(self, raw: bytes, checked: bool = False) -> Job:
+        """Parse and check a serialized ModelInferRequest, up to the activation its tail is to run."""
         recv_ns = time.time_ns()
         start = time.perf_counter()
         try:
-            wire.check_request(raw)
+            if not checked:
+                wire.check_request(raw)
             request = pb.ModelInferRequest.FromString(raw)
         except (wire.WireError, DecodeError) as e:
             raise InferError(
@@ -98,54 +140,67 @@ class InferenceService:
                 f"request id of {len(request_id)} characters; at most {MAX_ID_CHARS}, as every answer echoes it",
                 request_id[:MAX_ID_CHARS],
             )
+        with self._faults(request, request_id):
+            name, version = request.model_name, request.model_version
+            tail = self._tail(name, version)
+            if tail is None:
+                raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
+            activation = tail.plain_activation(request)
+            if activation is None:  # a defended form, or a request that is wrong
+                activation = self._restore(tail, request)
+            non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
+            if non_finite:
+                raise InferError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{tail.name}: the activation holds {non_finite} NaN or infinite values; logits computed from "
+                    "them would be NaN or infinite too, meaningless as a prediction",
+                )
+            for observe in self.observers:
+                observe(raw, recv_ns)
+        return Job(request, tail, activation, recv_ns, start)
+
+    def finish(self, job: Job, logits: np.ndarray) -> pb.ModelInferResponse:
+        """The answer to a prepared request, given the logits its tail gave."""
+        if not np.isfinite(logits).all():
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{job.tail.name}: the activation's values (largest magnitude {np.abs(job.activation).max():.3g}) "
+                "overflow the tail: its logits are not finite, meaningless as a prediction",
+            )
+        compute_ms = (time.perf_counter() - job.start) * 1e3
+        return codec.encode_response(
+            job.request,
+            {"logits": logits},
+            {"cloud_recv_ns": job.recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
+        )
+
+    @contextlib.contextmanager
+    def _faults(self, request: pb.ModelInferRequest, request_id: str | None = None):
+        """What goes wrong from here on answers with the request's id; a fault of the cloud's is INTERNAL."""
         try:
-            return self._infer(request, raw, recv_ns, start)
+            yield
         except InferError as e:
-            e.request_id = request_id
+            e.request_id = request.id if request_id is None else request_id
             raise
         except Exception as e:  # noqa: BLE001 - a fault of the cloud's, not the client's: logged whole, said plainly
             log.exception("failed on a request to %s", quote(request.model_name))
             raise InferError(
-                grpc.StatusCode.INTERNAL, f"the cloud failed on this request ({type(e).__name__})", request_id
+                grpc.StatusCode.INTERNAL,
+                f"the cloud failed on this request ({type(e).__name__})",
+                request.id if request_id is None else request_id,
             ) from e
 
-    def _infer(self, request: pb.ModelInferRequest, raw: bytes, recv_ns: int, start: float) -> pb.ModelInferResponse:
-        name, version = request.model_name, request.model_version
-        tail = self._tail(name, version)
-        if tail is None:
-            raise InferError(grpc.StatusCode.NOT_FOUND, self._not_found(name, version))
+    def _restore(self, tail: Tail, request: pb.ModelInferRequest) -> np.ndarray:
         tail.validate(request)
         try:
             with np.errstate(over="ignore"):  # a scale that overflows float32 gives infinities, refused just below
-                activation = defences.restore(
+                return defences.restore(
                     codec.decode_request(request),
                     codec.get_parameters(request.parameters),
                     shape=tail.activation_shape,
                 )
         except (codec.CodecError, defences.RestoreError) as e:
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{tail.name}: {e}; expected {tail.expected()}") from e
-        non_finite = activation.size - np.count_nonzero(np.isfinite(activation))
-        if non_finite:
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{tail.name}: the activation holds {non_finite} NaN or infinite values; logits computed from them "
-                "would be NaN or infinite too, meaningless as a prediction",
-            )
-        for observe in self.observers:
-            observe(raw, recv_ns)
-        logits = tail.run(activation)
-        if not np.isfinite(logits).all():
-            raise InferError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{tail.name}: the activation's values (largest magnitude {np.abs(activation).max():.3g}) overflow "
-                "the tail: its logits are not finite, meaningless as a prediction",
-            )
-        compute_ms = (time.perf_counter() - start) * 1e3
-        return codec.encode_response(
-            request,
-            {"logits": logits},
-            {"cloud_recv_ns": recv_ns, "cloud_compute_ms": compute_ms, "cloud_send_ns": time.time_ns()},
-        )
 
     def _tail(self, name: str, version: str) -> Tail | None:
         return self.tails.get(name) if version in ("", "1") else None
@@ -154,13 +209,14 @@ class InferenceService:
         what = f"model {quote(name)}" + (f" version {quote(version)}" if version else "")
         return f"{what} is not served here (only version 1 exists); models: {', '.join(sorted(self.tails))}"
 
-    # Inference over gRPC: requests come as bytes and are parsed on the pool, so that a message that is not a
-    # request is answered INVALID_ARGUMENT like any other bad one, and a large one never stalls the event loop.
+    # Inference over gRPC: requests come as bytes, so that a message that is not a request is answered
+    # INVALID_ARGUMENT like any other bad one. A small one to a cheap tail is answered on the event loop, the rest
+    # on the pool, so that a large one never stalls the loop.
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with self.gate.call(context, "ModelInfer") as admitted:
             if admitted:
-                response, error = await self._on_pool(self._answer_unary, raw)
+                response, error = await self._answered(raw, in_band=False)
                 if error is None:
                     return response
                 self.gate.fail(context, "ModelInfer", error.code, error.message)
@@ -168,35 +224,60 @@ class InferenceService:
 
     async def model_stream_infer(self, requests, context: grpc.aio.ServicerContext) -> None:
         async with self.gate.call(context, "ModelStreamInfer") as admitted:
-            reader = serving.Reader(context, self.gate.stopping)
-            try:
-                while admitted and (raw := await reader.next(self.gate.limits.idle_timeout_s)) is not None:
-                    answer, error = await self._on_pool(self._answer_in_band, raw)
+            if not admitted:
+                return
+            async with serving.Watch(self.gate, context, self.gate.limits.idle_timeout_s) as stream:
+                while (raw := await stream.read()) is not None:
+                    answer, error = await self._answered(raw, in_band=True)
                     if error is not None:
                         self.gate.error(context.peer(), "ModelStreamInfer", error.code, error.message)
-                    await serving.send(context, answer, self.gate.limits.idle_timeout_s)
-                    if self.gate.stopping.is_set():
-                        raise serving.Stopping()
-            finally:
-                reader.close()
+                    await stream.write(answer)
 
-    def _answer_unary(self, raw: bytes) -> tuple[bytes | None, InferError | None]:
+    async def _answered(self, raw: bytes, *, in_band: bool) -> tuple[bytes | None, InferError | None]:
+        """The serialized answer (a ModelStreamInferResponse if `in_band`, with the error in it, else a
+        ModelInferResponse or None) and the error it reports."""
         try:
-            return self.answer(raw).SerializeToString(), None
+            response = await self._response(raw)
         except InferError as e:
-            return None, e.with_traceback(None)  # its frames hold the request: let them go now
-
-    def _answer_in_band(self, raw: bytes) -> tuple[bytes, InferError | None]:
-        try:
-            return pb.ModelStreamInferResponse(infer_response=self.answer(raw)).SerializeToString(), None
-        except InferError as e:
-            response = pb.ModelStreamInferResponse(
+            e = e.with_traceback(None)  # its frames hold the request: let them go now
+            if not in_band:
+                return None, e
+            answer = pb.ModelStreamInferResponse(
                 error_message=f"{e.code.name}: {e.message}", infer_response=pb.ModelInferResponse(id=e.request_id)
             )
-            return response.SerializeToString(), e.with_traceback(None)
+            return answer.SerializeToString(), e
+        if in_band:
+            return pb.ModelStreamInferResponse(infer_response=response).SerializeToString(), None
+        return response.SerializeToString(), None
 
-    async def _on_pool(self, work, raw: bytes):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, raw)
+    async def _response(self, raw: bytes) -> pb.ModelInferResponse:
+        """On the event loop if the request is small and its tail cheap, else on the pool; through the tail's
+        batcher if the cloud batches."""
+        inline, checked = self._inline(raw)
+        if self.batchers is None:
+            if inline:
+                return self.answer(raw, checked)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.answer, raw, checked)
+        # Batched, a small request is parsed and checked on the loop whatever its tail: only the batch's run, where
+        # the time goes, is worth a thread (8 devices at `layer1`: 0.82 of the unbatched cloud's frames/s with
+        # parsing on the pool too, 0.96 without; bench/devices_vs_triton.py).
+        if len(raw) <= INLINE_BYTES:
+            job = self.prepare(raw, checked)
+        else:
+            job = await asyncio.get_running_loop().run_in_executor(self.executor, self.prepare, raw, checked)
+        with self._faults(job.request):
+            return self.finish(job, await self.batchers[job.tail.name].run(job.activation))
+
+    def _inline(self, raw: bytes) -> tuple[bool, bool]:
+        """Whether to answer `raw` on the event loop, and whether wire.check_request has passed it."""
+        if len(raw) > INLINE_BYTES:
+            return False, False
+        try:
+            name = wire.check_request(raw)
+        except wire.WireError:
+            return True, False  # refused in microseconds, saying why
+        tail = self.tails.get(name.decode(errors="replace"))
+        return tail is None or tail.inline, True
 
     # Health and metadata: answered on the event loop, whatever the streams are doing.
 
@@ -281,7 +362,7 @@ async def serve(
 
 async def drain(server: grpc.aio.Server, service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
     """Stop taking work, answer what has been received, end open streams, and stop within the grace period."""
-    service.gate.stopping.set()
+    service.gate.stop()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(service.gate.limits.grace_s)
     # A tail still running past the grace period finishes on its thread; nothing waits for its answer.
@@ -300,6 +381,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="threads that parse, check and run requests (default: one per core)",
     )
     parser.add_argument("--threads", type=serving.positive_int, default=1, help="ONNX Runtime threads per inference")
+    parser.add_argument(
+        "--batch-max",
+        type=serving.positive_int,
+        default=1,
+        metavar="N",
+        help="dynamic batching: gather the frames of requests from every stream into one run of their tail, up to N "
+        "frames (default 1: each request runs alone)",
+    )
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=serving.non_negative_float,
+        default=BATCH_DELAY_MS,
+        metavar="D",
+        help=f"with --batch-max: run a batch at most D ms after its first request came (default {BATCH_DELAY_MS:g})",
+    )
     serving.Limits.add_arguments(parser)
     parser.add_argument(
         "--record",
@@ -332,7 +428,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(args: argparse.Namespace, tails: dict[str, Tail]) -> int:
-    service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers)
+    batching = Batching(args.batch_max, args.batch_delay_ms / 1e3) if args.batch_max > 1 else None
+    service = InferenceService(tails, limits=serving.Limits.from_args(args), workers=args.workers, batching=batching)
     try:
         server, port, health_servicer = await serve(service, host=args.host, port=args.port, tls=args.tls)
     except OSError as e:

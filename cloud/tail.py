@@ -5,6 +5,8 @@ refusal is an InferError with the status and the message the client gets, its ow
 from __future__ import annotations
 
 import argparse
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,10 @@ from splitleak.core.serving import quote, quote_all
 from splitleak.protos import inference_pb2 as pb
 
 MAX_BATCH = 256
+# A tail that runs a frame in less than this is run on the event loop that received the request (cloud/server.py):
+# handing it to a thread and back costs more (two thread wake-ups, about 0.1 ms on a busy machine), and health
+# checks wait no longer than a few such runs.
+INLINE_MS = 0.05
 
 
 def add_models_argument(parser: argparse.ArgumentParser) -> None:
@@ -47,15 +53,28 @@ class Tail:
     activation_shape: tuple[int, ...]
     activation_datatype: str
     num_classes: int
+    inline: bool = False  # whether a frame runs in under INLINE_MS (measured at load)
 
     @classmethod
     def load(cls, m: manifest.Manifest, split: manifest.Split, threads: int) -> Tail:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(split.tail), options, providers=["CPUExecutionProvider"])
-        return cls(
+        tail = cls(
             m.served_name(split.name), session, split.activation_shape, split.activation_datatype, len(m.classes)
         )
+        tail.inline = tail.frame_ms() < INLINE_MS
+        return tail
+
+    def frame_ms(self, runs: int = 20) -> float:
+        """One frame's run, at its fastest of `runs` (the first ones warm the session up)."""
+        activation = np.zeros((1, *self.activation_shape), np.float32)
+        fastest = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.run(activation)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest * 1e3
 
     def metadata(self) -> pb.ModelMetadataResponse:
         return pb.ModelMetadataResponse(
@@ -103,6 +122,24 @@ class Tail:
         unknown = [o.name for o in request.outputs if o.name != "logits"]
         if unknown:
             raise InferError(invalid, f"{self.name}: no output named {quote_all(unknown)}; the only output is 'logits'")
+
+    def plain_activation(self, request: pb.ModelInferRequest) -> np.ndarray | None:
+        """The activation of a request in the form an undefended device sends (one FP32 input `activation` of the
+        tail's shape in raw_input_contents, a batch of 1 to MAX_BATCH, no output asked for but `logits`), read with
+        a few comparisons; None for any other form, which `validate`, the codec and `restore` check in full."""
+        inputs, contents, outputs = request.inputs, request.raw_input_contents, request.outputs
+        if len(inputs) != 1 or len(contents) != 1 or self.activation_datatype != "FP32":
+            return None
+        tensor = inputs[0]
+        shape = tuple(tensor.shape)
+        if tensor.name != "activation" or tensor.datatype != "FP32" or shape[1:] != self.activation_shape:
+            return None
+        if not 1 <= shape[0] <= MAX_BATCH or (outputs and any(o.name != "logits" for o in outputs)):
+            return None
+        raw = contents[0]
+        if len(raw) != shape[0] * 4 * math.prod(self.activation_shape):
+            return None
+        return np.frombuffer(raw, "<f4").reshape(shape)
 
     def run(self, activation: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"activation": activation})[0]

@@ -236,6 +236,8 @@ def test_a_port_already_held_is_refused_in_one_line_by_a_second_cloud_and_by_a_p
         (server, ["--max-streams", "0"], "argument --max-streams: must be at least 1, got 0"),
         (server, ["--idle-timeout", "0"], "argument --idle-timeout: must be more than 0, got 0"),
         (server, ["--grace", "nan"], "argument --grace: expected a finite number, got 'nan'"),
+        (server, ["--batch-max", "0"], "argument --batch-max: must be at least 1, got 0"),
+        (server, ["--batch-delay-ms", "-1"], "argument --batch-delay-ms: must be at least 0, got -1"),
         (proxy, ["--cloud", "garbage"], "argument --cloud: 'garbage' is not HOST:PORT"),
         (proxy, ["--cloud", "127.0.0.1:0"], "argument --cloud: '127.0.0.1:0' is not HOST:PORT"),
         (proxy, ["--cloud", "h:1", "--listen-port", "65536"], "argument --listen-port: 65536 is not a port"),

@@ -122,6 +122,14 @@ class Gate:
         self.what = what  # what the server calls itself in messages
         self.stopping = asyncio.Event()
         self.open: Counter[str] = Counter()  # open counted calls by connection (the peer's address and port)
+        self.watches: set[Watch] = set()  # the open streams that read through a Watch
+
+    def stop(self) -> None:
+        """Tell open streams the server is stopping: those waiting for a request end now, the others once they have
+        sent the answer they are working on."""
+        self.stopping.set()
+        for watch in list(self.watches):
+            watch.end_if_waiting("read", Stopping())
 
     @property
     def total(self) -> int:
@@ -185,41 +193,71 @@ class Gate:
         self.log.warning(clip(f"{peer} {method} {code.name}: {message}", MAX_LOG_CHARS))
 
 
-class Reader:
-    """A stream's requests, one at a time, each awaited no longer than a timeout and given up when the server stops.
+class Watch:
+    """A stream's reads and writes, ended by the idle timeout (Idle, Stalled) or by the server stopping (Stopping),
+    at no cost per message: the handler awaits the read or the write itself, and one timer per stream, moved on only
+    when it fires, cancels the handler when it has waited too long. (A timeout and a wait on the stop event around
+    each read and write, in tasks of their own, cost about a sixth of a small frame's round trip at `layer3`.) A read
+    cancelled so is lost, which only ever happens as the stream ends.
 
-    The pending read outlives a timeout, so a caller that decides the stream was not idle after all loses nothing."""
+    Use it as `async with Watch(gate, context, idle_s) as stream:`, in the task that reads: the one it cancels."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, stopping: asyncio.Event) -> None:
-        self._context = context
-        self._stopping = stopping
-        self._pending: asyncio.Future | None = None
+    def __init__(self, gate: Gate, context: grpc.aio.ServicerContext, idle_s: float) -> None:
+        self._gate, self._context, self._idle_s = gate, context, idle_s
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._waiting: str | None = None  # "read" or "write" while the handler awaits one
+        self._since = self._loop.time()  # when it began to
+        self._ended: Exception | None = None  # why the timer or the gate cancelled the handler
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def next(self, timeout_s: float) -> bytes | None:
+    async def __aenter__(self) -> Watch:
+        self._timer = self._loop.call_later(self._idle_s, self._check)
+        self._gate.watches.add(self)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._timer.cancel()
+        self._gate.watches.discard(self)
+
+    async def read(self) -> bytes | None:
         """The next request; None when the client has sent its last. Raises Idle or Stopping."""
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._context.read())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        if self._gate.stopping.is_set():  # every request received has been answered
+            raise Stopping()
+        message = await self._wait("read", self._context.read())
+        return None if message is grpc.aio.EOF else message
+
+    async def write(self, message: bytes) -> None:
+        """Send one answer; Stalled if the client has taken none for the idle timeout and the buffers are full."""
+        await self._wait("write", self._context.write(message))
+
+    async def _wait(self, what: str, awaitable):
+        self._waiting, self._since = what, self._loop.time()
         try:
-            await asyncio.wait({self._pending, stopping}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._ended is None:  # the call itself was cancelled
+                raise
+            self._task.uncancel()
+            raise self._ended from None
         finally:
-            stopping.cancel()
-        if self._pending.done():  # received, so answered, even when the server is stopping
-            message, self._pending = self._pending.result(), None
-            return None if message is grpc.aio.EOF else message
-        raise Stopping() if self._stopping.is_set() else Idle()
+            self._waiting = None
 
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
+    def touch(self) -> None:
+        """A message went the other way (the proxy's answers): the stream is not idle."""
+        self._since = self._loop.time()
 
+    def end_if_waiting(self, what: str, why: Exception) -> None:
+        if self._waiting == what and self._ended is None:
+            self._ended = why
+            self._task.cancel()
 
-async def send(context: grpc.aio.ServicerContext, message: bytes, timeout_s: float) -> None:
-    """Write one answer; Stalled if the client has read none for `timeout_s` and the transport's buffers are full."""
-    try:
-        await asyncio.wait_for(context.write(message), timeout_s)
-    except TimeoutError:
-        raise Stalled() from None
+    def _check(self) -> None:
+        left = self._since + self._idle_s - self._loop.time()
+        if self._waiting is not None and left <= 0:
+            self.end_if_waiting(self._waiting, Idle() if self._waiting == "read" else Stalled())
+            return
+        self._timer = self._loop.call_later(left if self._waiting is not None else self._idle_s, self._check)
 
 
 def listen(server: grpc.aio.Server, host: str, port: int, tls: Tls | None = None) -> int:
