@@ -9,8 +9,9 @@ bytes); replies, status codes, details and metadata come back as the cloud sent 
 gRPC's own headers, such as user-agent), deadline and cancellation are passed on to the cloud. Each device
 connection gets a connection of its own to the cloud, so the cloud sees, and bounds, each device as it would
 without the proxy.
-The copies of ModelInfer and ModelStreamInfer requests go to a bounded queue (CaptureSink) that another thread
-drains, so a slow disk drops copies (counted) instead of delaying the device.
+The copies of ModelInfer and ModelStreamInfer requests, and of the cloud's answers to them (the logits a membership
+test reads), go to a bounded queue (CaptureSink) that another thread drains, so a slow disk drops copies (counted)
+instead of delaying the device.
 Methods the proxy does not know are forwarded as bidirectional streams, which carry any cardinality on the wire.
 The proxy answers gRPC health checks itself, like the cloud.
 
@@ -39,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitleak.attacker.relay import run_until as relay_ciphertext
 from splitleak.core import process, serving, transport
-from splitleak.core.capture import CaptureSink, CaptureWriter
+from splitleak.core.capture import STREAM, UNARY, CaptureSink, CaptureWriter
 from splitleak.core.feed import FeedSender
 from splitleak.core.tls import Tls, speaks_tls
 from splitleak.protos import inference_pb2 as pb
@@ -172,6 +173,7 @@ class _Forwarder(grpc.GenericRpcHandler):
                     if headers:  # none, as from splitleak's cloud: gRPC sends its own with the response, one write
                         await context.send_initial_metadata(headers)
                     context.set_trailing_metadata(tuple(await call.trailing_metadata()))
+                    self._answered(UNARY, method, response)
                     return response
         return b""  # the status says why
 
@@ -180,16 +182,21 @@ class _Forwarder(grpc.GenericRpcHandler):
         async with self.gate.call(context, method, counted=counted) as admitted:
             if admitted:
                 passed = functools.partial(self._passed, method)
+                answered = functools.partial(self._answered, STREAM, method)
                 async with self._upstream(context.peer()) as channel:
                     unsent = None
                     for ask in range(1, ASKS + 1):
                         call = channel.stream_stream(method)(timeout=_timeout(context), metadata=_metadata(context))
-                        relay = _Relay(context, call, self.gate, passed, unsent)
+                        relay = _Relay(context, call, self.gate, passed, answered, unsent)
                         if await relay.run(last=ask == ASKS):
                             break
                         unsent = relay.unsent
                         if await _refused_again(channel, method, unsent, context):
                             break
+
+    def _answered(self, kind: bytes, method: str, response: bytes) -> None:
+        if method in CAPTURED_METHODS:
+            self.sink.put_response(kind, response, time.time_ns())
 
     def _passed(self, method: str, request: bytes) -> None:
         if method in CAPTURED_METHODS:
@@ -232,10 +239,11 @@ class _Relay:
     It is idle when no message has gone either way for the idle timeout: the device's requests are read through a
     serving.Watch that each answer relayed touches."""
 
-    def __init__(self, context, call, gate: serving.Gate, passed, unsent: bytes | None) -> None:
+    def __init__(self, context, call, gate: serving.Gate, passed, answered, unsent: bytes | None) -> None:
         self.context, self.call, self.gate = context, call, gate
         self.idle_s = gate.limits.idle_timeout_s
         self.passed = passed  # called with each request on its way to the cloud
+        self.answered = answered  # called with each answer on its way to the device
         # The device's first request when an earlier call to the cloud ended before taking it: sent first, not re-read.
         self.unsent = unsent
         self.taken = False  # whether the cloud has taken a request or sent an answer on this call
@@ -312,6 +320,7 @@ class _Relay:
                     headers_sent = True
                 if self.watch is not None:
                     self.watch.touch()
+                self.answered(response)
                 await out.write(response)
         if not headers_sent:
             await self.context.send_initial_metadata(await self.call.initial_metadata())

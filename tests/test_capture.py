@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitleak.core import capture, codec, data, manifest
+from splitleak.protos import inference_pb2 as pb
 
 
 def request_bytes(activation: np.ndarray, frame_id: int | None = None, model: str = "m.layer1") -> bytes:
@@ -197,3 +198,27 @@ def test_a_full_disk_is_reported_as_it_happens_and_the_meta_still_gets_its_count
     got = capture.read(tmp_path)
     assert [r.frame_id for r in got.records] == [0]
     assert (got.meta["records"], got.meta["errors"], got.meta["dropped"]) == (1, 3, 0)
+
+
+def test_the_cloud_s_answers_pair_with_their_requests_by_id_on_either_call_and_errors_are_left_out(tmp_path):
+    def answered(frame_id: int, logits: np.ndarray) -> tuple[bytes, bytes]:
+        request = pb.ModelInferRequest.FromString(request_bytes(activation(frame_id), frame_id=frame_id))
+        request.id = f"r{frame_id}"
+        return request.SerializeToString(), codec.encode_response(request, {"logits": logits}).SerializeToString()
+
+    logits = np.arange(30, dtype=np.float32).reshape(3, 1, 10)
+    with capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=None) as writer:
+        for frame_id, kind in [(0, capture.UNARY), (1, capture.STREAM), (2, capture.STREAM)]:
+            request, response = answered(frame_id, logits[frame_id])
+            writer.write(request, frame_id)
+            if kind == capture.STREAM:
+                wrapped = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(response))
+                if frame_id == 2:  # answered in-band with an error: no logits to read
+                    wrapped.error_message = "INVALID_ARGUMENT: no"
+                response = wrapped.SerializeToString()
+            writer.write_response(kind, response, frame_id)
+
+    got = capture.read(tmp_path)
+    frame_ids, read = got.logits("m.layer1")
+    assert got.meta["responses"] == 3 and frame_ids.tolist() == [0, 1]
+    np.testing.assert_array_equal(read, logits[:2, 0])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cloud_limits import OpenStream, connection, good, is_answered, twenty_idle_streams_then_a_device
@@ -61,6 +62,13 @@ def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_h
     assert sorted(frame_ids.tolist()) == sorted(direct)
     assert {r.split_point for r in got.records} == {head.split.name}
     np.testing.assert_array_equal(activations, head_on_originals(head, got, frame_ids))
+    # The cloud's answers too: each frame's logits, as the tail computes them from the activation the tap saw.
+    answered, logits = got.logits(head.served_name)
+    assert answered.tolist() == frame_ids.tolist()
+    tail = onnxruntime.InferenceSession(str(head.split.tail), providers=["CPUExecutionProvider"])
+    direct_logits = np.concatenate([tail.run(["logits"], {"activation": a[None]})[0] for a in activations])
+    np.testing.assert_allclose(logits, direct_logits, rtol=1e-5, atol=1e-5)
+    assert {int(f): int(p) for f, p in zip(answered, logits.argmax(1), strict=True)} == direct
     assert got.meta | {"created": None} == {
         "format": "splitleak-capture",
         "version": 1,
@@ -69,6 +77,7 @@ def test_device_through_the_proxy_gets_the_cloud_s_predictions_and_the_capture_h
         "cloud": f"127.0.0.1:{cloud}",
         "dataset": DATASET,
         "records": 50,
+        "responses": 50,
         "dropped": 0,
         "errors": 0,
         "skipped": 0,

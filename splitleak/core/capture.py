@@ -12,6 +12,12 @@ A capture is a folder:
   reads the Open Inference Protocol reads the payload. The split facts (`split_point`, `frame_id`, ...) are in its
   `parameters`; see splitleak.core.codec.
 
+- `responses.bin` (the proxy's captures): the cloud's answers to those requests, in the order they came back, framed
+  the same way, each payload one byte saying what follows (`U`: a serialized `inference.ModelInferResponse`, the
+  answer to a ModelInfer; `S`: a `ModelStreamInferResponse`, an answer on Triton's stream) then the message. An answer
+  names its request by `id`, which is how `Capture.logits` pairs the tail's logits with the activation they answer:
+  what a tap sees of the model's output, the other half of a membership test (splitleak.attacker.membership).
+
 The writer flushes every record, so a reader of a live capture, or of one whose tap crashed, loses at most the last
 record, which `read` recognises as cut short and leaves out.
 
@@ -45,6 +51,7 @@ FORMAT = "splitleak-capture"
 VERSION = 1
 TAPS = ("proxy", "cloud")
 RECORD_HEADER = struct.Struct("<Iq")  # length of the request in bytes, captured_ns
+UNARY, STREAM = b"U", b"S"  # what an answer in responses.bin is: a ModelInferResponse, a ModelStreamInferResponse
 
 WARN_EVERY = 1000
 
@@ -74,6 +81,8 @@ class CaptureWriter:
             "dataset": dataset,
         }
         self.records = 0
+        self.responses = 0
+        self._responses_file = None  # opened with the first answer: a cloud's own capture has none
         self._closed = False
         self._failure: BaseException | None = None  # what stopped the writes (a full disk, say)
         self._write_meta()
@@ -93,14 +102,28 @@ class CaptureWriter:
             raise
         self.records += 1
 
+    def write_response(self, kind: bytes, response_bytes: bytes, captured_ns: int) -> None:
+        """Keep one of the cloud's answers (`kind`: UNARY or STREAM, as the call it came on)."""
+        if self._failure is not None:
+            raise OSError(f"{self.path} stopped taking records after {self.records}: {self._failure}")
+        if self._responses_file is None:
+            self._responses_file = open(self.path / "responses.bin", "xb")
+        self._responses_file.write(RECORD_HEADER.pack(len(response_bytes) + 1, captured_ns))
+        self._responses_file.write(kind + response_bytes)
+        self._responses_file.flush()
+        self.responses += 1
+
     def close(self) -> None:
-        """Close the file and write the counts into meta.json, also after a write failed (a full disk, say)."""
+        """Close the files and write the counts into meta.json, also after a write failed (a full disk, say)."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(OSError):
             self._file.close()
+            if self._responses_file is not None:
+                self._responses_file.close()
         self.meta["records"] = self.records
+        self.meta["responses"] = self.responses
         self._write_meta()
 
     def _write_meta(self) -> None:
@@ -141,7 +164,8 @@ class CaptureSink:
         self.last_error: Exception | None = None
         # Told of a failing consumer as it happens (the first time, then every WARN_EVERY), not only at the end.
         self.warn = warn or (lambda line: print(f"capture: {line}", file=sys.stderr, flush=True))
-        self._queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue(maxsize=maxsize)
+        # (request bytes, captured_ns), or (kind, response bytes, captured_ns) for an answer, which goes to the writer
+        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=maxsize)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, name="capture-sink", daemon=True)
         self._thread.start()
@@ -154,6 +178,18 @@ class CaptureSink:
         """Queue a copy for the consumers; False if it was dropped because the queue is full."""
         try:
             self._queue.put_nowait((request_bytes, captured_ns))
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+            return False
+
+    def put_response(self, kind: bytes, response_bytes: bytes, captured_ns: int) -> bool:
+        """Queue a copy of one of the cloud's answers for the writer; False if it was dropped (the queue is full)."""
+        if self.writer is None:
+            return True
+        try:
+            self._queue.put_nowait((kind, response_bytes, captured_ns))
             return True
         except queue.Full:
             with self._lock:
@@ -175,7 +211,10 @@ class CaptureSink:
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            consumers = ([self.writer.write] if self.writer is not None else []) + self.callbacks
+            if len(item) == 3:  # an answer: only the writer keeps those
+                consumers = [self.writer.write_response]
+            else:
+                consumers = ([self.writer.write] if self.writer is not None else []) + self.callbacks
             for consume in consumers:
                 try:
                     consume(*item)
@@ -186,7 +225,7 @@ class CaptureSink:
                         self.warn(
                             f"a copy was not kept ({self.errors} so far): {e}; the traffic itself goes on untouched"
                         )
-            self.captured += 1
+            self.captured += len(item) == 2
 
     def __enter__(self) -> CaptureSink:
         return self
@@ -197,6 +236,7 @@ class CaptureSink:
 
 @dataclass
 class CapturedRequest:
+    request_id: str
     captured_ns: int
     model_name: str
     split_point: str | None
@@ -215,6 +255,19 @@ class Capture:
     path: Path
     meta: dict  # meta.json, plus `skipped` (requests whose tensors do not decode) and `truncated` (a cut last record)
     records: list[CapturedRequest]
+    answers: dict[str, dict[str, np.ndarray]]  # the cloud's answers by request id (the proxy's captures): its outputs
+
+    def logits(self, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(frame_ids (N,), logits (N, classes)) of every answered request to `model_name` that names one frame: what
+        the tap read of the model's output, frame by frame."""
+        rows = [
+            (r.frame_id, self.answers[r.request_id]["logits"])
+            for r in self.records
+            if r.model_name == model_name and r.frame_id is not None and "logits" in self.answers.get(r.request_id, {})
+        ]
+        if not rows:
+            raise KeyError(f"{self.path} holds no answered request to {model_name!r} (only the proxy keeps answers)")
+        return np.array([f for f, _ in rows], np.int64), np.concatenate([logits for _, logits in rows])
 
     def models(self) -> list[str]:
         return sorted({r.model_name for r in self.records})
@@ -320,6 +373,7 @@ def read(path: str | Path) -> Capture:
         activation = tensors.get("activation", next(iter(tensors.values())))
         records.append(
             CapturedRequest(
+                request.id,
                 captured_ns,
                 request.model_name,
                 None if split_point is None else str(split_point),
@@ -330,4 +384,26 @@ def read(path: str | Path) -> Capture:
             )
         )
     meta.update(skipped=skipped, truncated=end < len(buffer))
-    return Capture(path, meta, records)
+    return Capture(path, meta, records, _answers(path / "responses.bin"))
+
+
+def _answers(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The outputs of each answer in `responses.bin` by the id of the request it answers ({} where there is none).
+    An in-band error, and an answer that does not decode, are left out."""
+    if not path.is_file():
+        return {}
+    answers = {}
+    for _, payload in _split(path.read_bytes())[0]:
+        kind, body = payload[:1], payload[1:]
+        try:
+            if kind == STREAM:
+                answer = pb.ModelStreamInferResponse.FromString(body)
+                if answer.error_message:
+                    continue
+                response = answer.infer_response
+            else:
+                response = pb.ModelInferResponse.FromString(body)
+            answers[response.id] = codec.decode_response(response)
+        except (DecodeError, codec.CodecError):
+            continue
+    return answers
