@@ -149,12 +149,14 @@ def sweep_on(
         if not missing and measured_path.exists():
             continue
         # Runs first: every attack waits for one, and the one worker that measures would otherwise take attacks in
-        # submission order and leave the later runs, and their attacks, to the end.
-        run = dask.submit(measure, config, settings, resources={LATENCY: 1}, priority=1, pure=False)
+        # submission order and leave the later runs, and their attacks, to the end. Then the undefended
+        # configurations' attacks, whose weights the defended ones wait for; then the rest.
+        run = dask.submit(measure, config, settings, resources={LATENCY: 1}, priority=2, pure=False)
         pending[run] = (config, None)
         for name in missing:
             after = submitted.get((sweep.Config(config.model_dir, config.split), name))
-            future = dask.submit(attack, config, name, settings, run, after, pure=False)
+            first = int(config.defence == "none")
+            future = dask.submit(attack, config, name, settings, run, after, priority=first, pure=False)
             submitted[(config, name)] = future
             pending[future] = (config, name)
     with tqdm(total=len(pending), desc="sweep", unit="task", disable=not progress) as bar:
