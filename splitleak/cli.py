@@ -20,6 +20,7 @@ COMMANDS = {
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "shadows": ("splitleak.model.shadows", "train shadow models on random halves of a pool, for membership inference"),
     "membership": ("splitleak.attacker.membership", "membership inference (LiRA, RMIA, loss) against shadow models"),
+    "generators": ("splitleak.study.generators", "train a diffusion model or GAN; extract its training images back"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),
     "sweep": ("splitleak.study.cluster", "the latency-leakage-accuracy trade-off of every split, defence and link"),
