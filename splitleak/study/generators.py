@@ -32,7 +32,7 @@ class Measured:
     name: str
     config: dict
     training: dict  # steps, seconds
-    sampling: dict  # samples, seconds, ddim_steps
+    sampling: dict  # samples, seconds, ddim_steps; membership_seconds (the completions and losses)
     extraction: dict  # {"train": {...}, "held_out": {...}} as extraction.Extraction.summary() gives them
     membership: dict = field(default_factory=dict)  # score name -> membership.Result as a dict
     identity: dict = field(default_factory=dict)  # identity.Leakage as a dict
@@ -82,7 +82,9 @@ def measure(
         },
     )
     if config.kind == "diffusion":
+        start = time.perf_counter()
         result.membership = extraction.membership(trained.model, ts, members=members, ddim_steps=ddim_steps, seed=seed)
+        result.sampling["membership_seconds"] = time.perf_counter() - start
     if config.data == "faces":
         from splitleak.attacker import identity
 
@@ -107,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=1000, help="measure: images to generate")
     parser.add_argument("--ddim-steps", type=int, default=25, help="measure: DDIM steps per sample and completion")
-    parser.add_argument("--members", type=int, default=200, help="measure: training and held-out images to complete")
+    parser.add_argument("--members", type=int, default=100, help="measure: training and held-out images to complete")
     parser.add_argument("--faces-model", type=Path, help="measure: the faces classifier (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("generators"), help="measure: where NAME.json/.md/.png go")
     return parser
