@@ -132,3 +132,7 @@ def test_generators_train_and_measure_from_the_command_line(tmp_path, capsys):
     assert result["extraction"]["held_out"]["by_copies"]["1"]["images"] == 200
     assert written.with_suffix(".png").stat().st_size > 1000
     assert "Membership by inpainting" in written.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert cli.main(["generators", "report", "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    assert "| diffusion | faces | none | 4 |" in report and "| diffusion | faces | none | inpainting |" in report

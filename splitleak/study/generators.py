@@ -2,6 +2,7 @@
 
     splitleak generators train --kind diffusion --data faces            # cached, resumable (CACHE/generators/)
     splitleak generators measure --kind diffusion --data faces --samples 1000 --out docs/generators/runs
+    splitleak generators report --out docs/generators/runs                 # every measured run, side by side
 
 `measure` samples the generator, then runs every measure that applies (attacker.extraction, attacker.identity):
 generate-and-filter extraction against the training images and, as the control, the held-out ones, by duplicate
@@ -94,7 +95,7 @@ def measure(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("train", "measure"))
+    parser.add_argument("action", choices=("train", "measure", "report"))
     parser.add_argument("--kind", choices=generators.KINDS, default="diffusion")
     parser.add_argument("--data", choices=generators.TRAINING_SETS, default="faces")
     parser.add_argument("--steps", type=int, default=GeneratorConfig.steps, help="optimiser steps to train to")
@@ -119,6 +120,9 @@ def main(args: argparse.Namespace) -> int:
     # One thread: a step of these small networks runs several times faster on one thread than on two on this
     # shared 2-core machine (0.26 s against 2.5 s for the U-Net, measured with other jobs running).
     torch.set_num_threads(1)
+    if args.action == "report":
+        print(report([json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]), end="")
+        return 0
     config = config_from_args(args)
     if args.action == "train":
         start = time.perf_counter()
@@ -179,4 +183,54 @@ def markdown(result: Measured) -> str:
             f"{i['faces']} generated faces are nearest a training person, {1 - i['matched_training']:.1%} a held-out "
             f"one (chance: {i['chance']:.1%})."
         )
+    return "\n".join(lines) + "\n"
+
+
+def _defence(config: dict) -> str:
+    return " + ".join(d for d in ("dedup", "augment") if config[d]) or "none"
+
+
+def report(results: list[dict]) -> str:
+    """Every measured run side by side: extraction by duplicate count with the control, membership, identity."""
+    if not results:
+        raise FileNotFoundError("no measured runs (NAME.json) in that folder: run `splitleak generators measure`")
+    counts = sorted({int(c) for r in results for c in r["extraction"]["train"]["by_copies"]})
+    lines = [
+        "| generator | data | defence | steps | training s | samples | sampling s | "
+        + " | ".join(f"extracted, x{c}" for c in counts)
+        + " | held-out control | flagged samples (control) |",
+        "|---" * (9 + len(counts)) + "|",
+    ]
+    for r in results:
+        c, train, held = r["config"], r["extraction"]["train"], r["extraction"]["held_out"]
+        cells = [c["kind"], c["data"], _defence(c), str(r["training"]["steps"]), f"{r['training']['seconds']:.0f}"]
+        cells += [str(r["sampling"]["samples"]), f"{r['sampling']['seconds']:.0f}"]
+        for count in counts:
+            row = train["by_copies"].get(str(count))
+            cells.append(f"{row['extracted']}/{row['images']}" if row else "")
+        cells.append(f"{held['extracted']}/{held['by_copies']['1']['images']}")
+        cells.append(f"{train['flagged_samples']} ({held['flagged_samples']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    measured = [r for r in results if r["membership"]]
+    if measured:
+        lines += ["", "| generator | data | defence | score | AUC | TPR at 1% FPR | TPR at 10% FPR |", "|---" * 7 + "|"]
+        for r in measured:
+            c, defence = r["config"], _defence(r["config"])
+            for score, m in r["membership"].items():
+                auc, one, ten = m["auc"], m["tpr"]["1%"], m["tpr"]["10%"]
+                lines.append(
+                    f"| {c['kind']} | {c['data']} | {defence} | {score} | {auc[0]:.3f} ({auc[1]:.3f}-{auc[2]:.3f}) | "
+                    f"{one[0]:.1%} ({one[1]:.1%}-{one[2]:.1%}) | {ten[0]:.1%} ({ten[1]:.1%}-{ten[2]:.1%}) |"
+                )
+    faces = [r for r in results if r["identity"]]
+    if faces:
+        lines += ["", "| generator | faces | nearest a training person | 95% interval | chance | people hit |"]
+        lines.append("|---" * 6 + "|")
+        for r in faces:
+            i = r["identity"]
+            lines.append(
+                f"| {r['config']['kind']} | {i['faces']} | {i['matched_training']:.1%} | "
+                f"{i['interval'][0]:.1%}-{i['interval'][1]:.1%} | {i['chance']:.0%} | "
+                f"{i['people_matched']}/{i['people']} |"
+            )
     return "\n".join(lines) + "\n"
