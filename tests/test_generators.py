@@ -116,6 +116,7 @@ def test_faces_of_training_people_are_traced_to_them_and_held_out_faces_are_not(
     assert of_held_out.matched_training < 0.1 and of_held_out.interval[1] < 0.5
 
 
+@pytest.mark.slow
 def test_generators_train_and_measure_from_the_command_line(tmp_path, capsys):
     from splitleak import cli
 
