@@ -58,6 +58,11 @@ class Extraction:
         return {
             "flagged_samples": int(self.flagged.sum()),
             "extracted": int(hit.sum()),
+            # How near the filter came, for a model that copies nothing outright: the lowest ratio, and the median
+            # distance from a sample to its nearest image (lower against the training set than the control's: the
+            # samples lean towards what the model saw).
+            "ratio_min": float(self.ratio.min()),
+            "distance_median": float(np.median(self.distance)),
             "by_copies": {
                 str(int(c)): {"images": int((copies == c).sum()), "extracted": int(hit[copies == c].sum())}
                 for c in np.unique(copies)
