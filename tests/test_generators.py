@@ -137,3 +137,4 @@ def test_generators_train_and_measure_from_the_command_line(tmp_path, capsys):
     assert cli.main(["generators", "report", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     assert "| diffusion | faces | none | 4 |" in report and "| diffusion | faces | none | inpainting |" in report
+    assert f"src='{written.stem}.png'" in (tmp_path / "index.html").read_text()

@@ -2,7 +2,7 @@
 
     splitleak generators train --kind diffusion --data faces            # cached, resumable (CACHE/generators/)
     splitleak generators measure --kind diffusion --data faces --samples 1000 --out docs/generators/runs
-    splitleak generators report --out docs/generators/runs                 # every measured run, side by side
+    splitleak generators report --out docs/generators/runs                 # every run side by side, and a page
 
 `measure` samples the generator, then runs every measure that applies (attacker.extraction, attacker.identity):
 generate-and-filter extraction against the training images and, as the control, the held-out ones, by duplicate
@@ -123,7 +123,11 @@ def main(args: argparse.Namespace) -> int:
     # shared 2-core machine (0.26 s against 2.5 s for the U-Net, measured with other jobs running).
     torch.set_num_threads(1)
     if args.action == "report":
-        print(report([json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]), end="")
+        results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
+        table = report(results)
+        (args.out / "index.html").write_text(page(results, table))
+        print(table, end="")
+        print(f"wrote {args.out / 'index.html'}")
         return 0
     config = config_from_args(args)
     if args.action == "train":
@@ -241,3 +245,26 @@ def report(results: list[dict]) -> str:
                 f"{i['people_matched']}/{i['people']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def page(results: list[dict], table: str) -> str:
+    """A page of its own (index.html beside the runs): each generator's most copy-like samples above the training
+    image nearest each, then the tables."""
+    import html
+
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>splitleak: generators that remember</title>",
+        "<style>body{font:14px sans-serif;max-width:60em;margin:2em auto}img{image-rendering:pixelated;width:100%}"
+        "pre{font-size:11px;overflow-x:auto}</style>",
+        "<h1>Generators that remember</h1>",
+        "<p>Each panel: a generator's eight samples most like a training image (top), the training image nearest each "
+        "(below), with Carlini et al.'s ratio (a copy when under 0.5) and the RMS distance.</p>",
+    ]
+    for r in results:
+        c = r["config"]
+        title = f"{c['kind']} on {c['data']}, defence: {_defence(c)}; {r['training']['steps']} steps"
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img src='{html.escape(r['name'])}.png' alt='{html.escape(title)}'>"
+        )
+    parts.append(f"<h2>Every run</h2><pre>{html.escape(table)}</pre>")
+    return "\n".join(parts) + "\n"
