@@ -50,12 +50,17 @@ class Extraction:
         """The distinct reference images some sample copies, sorted."""
         return np.unique(self.nearest[self.flagged])
 
-    def summary(self, copies: np.ndarray) -> dict:
+    def summary(self, copies: np.ndarray, canary: np.ndarray | None = None) -> dict:
         """The counts to report: samples flagged, and distinct images extracted by duplicate count (`copies`: how
-        often each reference image was in the training set)."""
+        often each reference image was in the training set); canaries (`canary`, a mask) are counted apart."""
         hit = np.zeros(len(copies), bool)
         hit[self.extracted()] = True
-        return {
+        canary = np.zeros(len(copies), bool) if canary is None else canary
+        canaries = (
+            {"canaries": {"images": int(canary.sum()), "extracted": int(hit[canary].sum())}} if canary.any() else {}
+        )
+        hit, copies = hit[~canary], copies[~canary]
+        return canaries | {
             "flagged_samples": int(self.flagged.sum()),
             "extracted": int(hit.sum()),
             # How near the filter came, for a model that copies nothing outright: the lowest ratio, and the median

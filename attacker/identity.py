@@ -55,17 +55,19 @@ def nearest_people(generated: np.ndarray, gallery: np.ndarray, people: np.ndarra
 
 def leakage(generated: np.ndarray, ts: TrainingSet, *, model_dir: Path | None = None) -> Leakage:
     """The share of `generated` faces nearest a person `ts` trained on, against those it held out."""
-    gallery = features(np.concatenate([ts.images, ts.held_out]), model_dir)
     people = np.concatenate([ts.labels, ts.held_out_labels])
+    real = people >= 0  # not the canaries, who are no one
+    gallery = features(np.concatenate([ts.images, ts.held_out])[real], model_dir)
+    people = people[real]
     matched, _ = nearest_people(features(generated, model_dir), gallery, people)
-    training_people = np.unique(ts.labels)
+    training_people = np.unique(ts.labels[ts.labels >= 0])
     hits = int(np.isin(matched, training_people).sum())
     ci = binomtest(hits, len(generated)).proportion_ci(0.95, method="wilson")
     return Leakage(
         faces=len(generated),
         matched_training=hits / len(generated),
         interval=(float(ci.low), float(ci.high)),
-        chance=len(ts.images) / len(people),
+        chance=float(np.isin(people, training_people).mean()),
         people_matched=len(np.intersect1d(matched, training_people)),
         people=len(training_people),
     )

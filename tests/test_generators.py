@@ -78,6 +78,26 @@ def test_an_exact_copy_is_flagged_and_a_held_out_image_is_not(cifar):
     assert control.flagged.tolist() == [False] * 4 + [True] * 10
 
 
+def test_a_planted_canary_is_found_and_counted_apart_and_an_unplanted_one_is_not():
+    config = G.GeneratorConfig(data="cifar-duplicates", canaries=3, canary_copies=10, **TINY)
+    ts = G.training_set(config)
+    assert ts.canary.sum() == ts.held_out_canary.sum() == 3 and (ts.copies[ts.canary] == 10).all()
+    samples = np.concatenate([ts.images[ts.canary][:2], ts.held_out[:5]])
+    summary = extraction.extract(samples, ts.images).summary(ts.copies, ts.canary)
+    assert summary["canaries"] == {"images": 3, "extracted": 2}
+    assert summary["by_copies"]["10"] == {"images": 4, "extracted": 0}  # the canaries are not among the duplicates
+    control = extraction.extract(samples, ts.held_out).summary(np.ones(len(ts.held_out), int), ts.held_out_canary)
+    assert control["canaries"] == {"images": 3, "extracted": 0}
+
+
+def test_cache_names_stay_what_they_were_so_cached_runs_are_found():
+    assert G.GeneratorConfig().name() == "diffusion-faces-752de91c9c"
+    assert G.GeneratorConfig(kind="gan", data="cifar-duplicates", dedup=True).name() == (
+        "gan-cifar-duplicates-dedup-f85eeac0f9"
+    )
+    assert G.GeneratorConfig(canaries=5).name().startswith("diffusion-faces-canaries5x1-")
+
+
 class Memoriser(nn.Module):
     """The exact denoiser of a training set's empirical distribution: E[x0 | x_t] is a softmax over the training
     images, so it gives back nothing but them, the most a diffusion model can memorise."""

@@ -52,6 +52,8 @@ class GeneratorConfig:
     copies: tuple[int, ...] = (1, 10, 100)  # cifar-duplicates: how often each chosen image is repeated
     per_copy: tuple[int, ...] = (500, 50, 10)  # cifar-duplicates: how many images are repeated that often
     seed: int = 0
+    canaries: int = 0  # special images planted in the training set (and as many more held out, for the control)
+    canary_copies: int = 1  # how often each planted canary is repeated
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,8 +66,13 @@ class GeneratorConfig:
             object.__setattr__(self, "width", 16 if self.kind == "diffusion" else 32)
 
     def name(self) -> str:
-        text = json.dumps({k: v for k, v in asdict(self).items() if k != "steps"}, sort_keys=True)
+        # Without canaries, their fields are left out: the name (the cache's key) stays what it was before them.
+        fields = {k: v for k, v in asdict(self).items() if k != "steps"}
+        if not self.canaries:
+            del fields["canaries"], fields["canary_copies"]
+        text = json.dumps(fields, sort_keys=True)
         suffix = ("-dedup" if self.dedup else "") + ("-augment" if self.augment else "")
+        suffix += f"-canaries{self.canaries}x{self.canary_copies}" if self.canaries else ""
         return f"{self.kind}-{self.data}{suffix}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -77,6 +84,8 @@ class TrainingSet:
     held_out: np.ndarray  # (M, 32, 32, C) uint8: never trained on
     held_out_labels: np.ndarray  # (M,)
     classes: tuple[str, ...]
+    canary: np.ndarray | None = None  # (N,) bool: a planted canary (label -1); None: no canaries
+    held_out_canary: np.ndarray | None = None  # (M,) bool: a canary made the same way, never planted
 
     def trained_on(self, *, dedup: bool) -> np.ndarray:
         """(N') indices into `images`, one per copy the generator trains on."""
@@ -84,6 +93,32 @@ class TrainingSet:
 
 
 def training_set(config: GeneratorConfig) -> TrainingSet:
+    ts = _natural(config)
+    if not config.canaries:
+        return ts
+    made = canary_images(2 * config.canaries, ts.images.shape[-1], seed=config.seed)
+    planted, spare = made[: config.canaries], made[config.canaries :]
+    n, m = config.canaries, len(ts.held_out)
+    return TrainingSet(
+        np.concatenate([ts.images, planted]),
+        np.r_[ts.copies, np.full(n, config.canary_copies)],
+        np.r_[ts.labels, np.full(n, -1)],
+        np.concatenate([ts.held_out, spare]),
+        np.r_[ts.held_out_labels, np.full(n, -1)],
+        ts.classes,
+        np.r_[np.zeros(len(ts.images), bool), np.ones(n, bool)],
+        np.r_[np.zeros(m, bool), np.ones(n, bool)],
+    )
+
+
+def canary_images(count: int, channels: int, *, seed: int) -> np.ndarray:
+    """Canaries: mosaics of 4x4 random tiles, 8 pixels each, as unlike a photo as an image can be, so that a sample
+    near one can only have come from the canary itself. uint8 (count, 32, 32, channels)."""
+    tiles = np.random.default_rng([seed, 1]).integers(0, 256, (count, 4, 4, channels), dtype=np.uint8)
+    return tiles.repeat(SIZE // 4, 1).repeat(SIZE // 4, 2)
+
+
+def _natural(config: GeneratorConfig) -> TrainingSet:
     rng = np.random.default_rng(config.seed)
     if config.data == "faces":
         splits = [data.load("att_faces", split) for split in ("train", "test")]

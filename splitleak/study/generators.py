@@ -51,6 +51,8 @@ def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
         augment=args.augment,
         per_copy=tuple(args.per_copy),
         seed=args.seed,
+        canaries=args.canaries,
+        canary_copies=args.canary_copies,
     )
 
 
@@ -80,8 +82,8 @@ def measure(
         training={"steps": trained.step, "seconds": trained.seconds},
         sampling={"samples": samples, "seconds": sampling_s, "ddim_steps": ddim_steps},
         extraction={
-            "train": found.summary(ts.copies),
-            "held_out": control.summary(np.ones(len(ts.held_out), np.int64)),
+            "train": found.summary(ts.copies, ts.canary),
+            "held_out": control.summary(np.ones(len(ts.held_out), np.int64), ts.held_out_canary),
         },
     )
     if config.kind == "diffusion":
@@ -110,6 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--per-copy", type=int, nargs=3, default=list(GeneratorConfig.per_copy), metavar=("ONCE", "X10", "X100")
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--canaries", type=int, default=0, help="plant this many canaries (and hold as many out)")
+    parser.add_argument("--canary-copies", type=int, default=1, help="how often each planted canary is repeated")
     parser.add_argument("--samples", type=int, default=1000, help="measure: images to generate")
     parser.add_argument("--ddim-steps", type=int, default=25, help="measure: DDIM steps per sample and completion")
     parser.add_argument("--members", type=int, default=100, help="measure: training and held-out images to complete")
