@@ -59,6 +59,7 @@ class Extraction:
         canaries = (
             {"canaries": {"images": int(canary.sum()), "extracted": int(hit[canary].sum())}} if canary.any() else {}
         )
+        all_copies = np.where(canary, -1, copies)
         hit, copies = hit[~canary], copies[~canary]
         return canaries | {
             "flagged_samples": int(self.flagged.sum()),
@@ -68,6 +69,12 @@ class Extraction:
             # samples lean towards what the model saw).
             "ratio_min": float(self.ratio.min()),
             "distance_median": float(np.median(self.distance)),
+            # Where the samples lean: the share whose nearest image has each duplicate count (canaries apart). A
+            # model that spreads its samples over the distinct images gives each count its share of the images; one
+            # that follows its training examples, its share of the copies.
+            "nearest_by_copies": {
+                str(int(c)): float(np.mean(all_copies[self.nearest] == c)) for c in np.unique(all_copies[~canary])
+            },
             "by_copies": {
                 str(int(c)): {"images": int((copies == c).sum()), "extracted": int(hit[copies == c].sum())}
                 for c in np.unique(copies)

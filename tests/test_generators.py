@@ -73,6 +73,7 @@ def test_an_exact_copy_is_flagged_and_a_held_out_image_is_not(cifar):
         "10": {"images": 4, "extracted": 1},
         "100": {"images": 2, "extracted": 1},
     }
+    assert summary["nearest_by_copies"] == {"1": 12 / 14, "10": 1 / 14, "100": 1 / 14}
     # The control flags the held-out images, which are copies of themselves, and none of the training copies.
     control = extraction.extract(samples, cifar.held_out)
     assert control.flagged.tolist() == [False] * 4 + [True] * 10
