@@ -166,7 +166,7 @@ def markdown(result: Measured) -> str:
     lines = [
         f"## {result.name}",
         "",
-        f"{c['kind']} on {c['data']}" + (" (dedup)" if c["dedup"] else "") + (" (augment)" if c["augment"] else ""),
+        f"{c['kind']} on {c['data']}, defence: {_defence(c)}"
         f"; trained {t['steps']} steps in {t['seconds']:.0f} s; {s['samples']} samples in {s['seconds']:.0f} s"
         + (f" ({s['ddim_steps']} DDIM steps)" if c["kind"] == "diffusion" else ""),
         "",
