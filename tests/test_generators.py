@@ -59,6 +59,26 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(kind, tmp_path, monk
     assert samples.shape == (5, 32, 32, 3) and samples.dtype == np.uint8
 
 
+@pytest.mark.parametrize("kind", G.KINDS)
+def test_an_exported_generator_computes_what_the_torch_one_does(kind, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))
+    config = G.GeneratorConfig(kind=kind, data="faces", steps=2, width=8, batch_size=8)
+    G.train(config)
+    trained = G.load(config)
+    path = G.export(trained, tmp_path / "out")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if kind == "gan":
+        feeds = {"latent": torch.randn(3, 64, 1, 1)}
+    else:
+        feeds = {"image": torch.randn(3, 1, 32, 32), "step": torch.tensor([0, 500, 999])}
+    (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    with torch.no_grad():
+        want = trained.model(*feeds.values()).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_an_exact_copy_is_flagged_and_a_held_out_image_is_not(cifar):
     rng = np.random.default_rng(0)
     copies = cifar.images[[0, 21, 25]]  # seen once, 10 times, 100 times

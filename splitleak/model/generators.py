@@ -297,3 +297,38 @@ def sample(trained: Trained, count: int, *, seed: int = 1, ddim_steps: int = 50,
         else:
             out.append(to_uint8(gan.sample(trained.model, n, generator)))
     return np.concatenate(out)
+
+
+def export(trained: Trained, out: Path) -> Path:
+    """The generator's network as ONNX, for ONNX Runtime as the project's other models are shipped: the GAN's
+    generator (`latent` (B, 64, 1, 1) -> `image` in [-1, 1]), or the diffusion model's averaged U-Net (`image` x_t,
+    `step` t (B,) int64 -> `noise`, the eps it predicts; DDIM runs outside it). Returns the file's path."""
+    import warnings
+
+    from splitleak.model.export import OPSET
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{trained.config.name()}.onnx"
+    channels = 1 if trained.config.data == "faces" else 3
+    if trained.config.kind == "gan":
+        example, inputs, outputs = (torch.zeros(2, gan.LATENT, 1, 1),), ["latent"], ["image"]
+    else:
+        example = (torch.zeros(2, channels, SIZE, SIZE), torch.zeros(2, dtype=torch.long))
+        inputs, outputs = ["image", "step"], ["noise"]
+    with warnings.catch_warnings():  # the TorchScript exporter, as splitleak.model.export uses it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # GroupNorm's check that a group holds more than one value, traced as a constant: true for any batch.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            trained.model.eval(),
+            example,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    meta = {"config": asdict(trained.config), "step": trained.step, "inputs": inputs, "outputs": outputs}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    return path

@@ -3,6 +3,7 @@
     splitleak generators train --kind diffusion --data faces            # cached, resumable (CACHE/generators/)
     splitleak generators measure --kind diffusion --data faces --samples 1000 --out docs/generators/runs
     splitleak generators report --out docs/generators/runs                 # every run side by side, and a page
+    splitleak generators export --kind gan --data faces --out models/      # its network as ONNX
 
 `measure` samples the generator, then runs every measure that applies (attacker.extraction, attacker.identity):
 generate-and-filter extraction against the training images and, as the control, the held-out ones, by duplicate
@@ -99,7 +100,7 @@ def measure(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("train", "measure", "report"))
+    parser.add_argument("action", choices=("train", "measure", "report", "export"))
     parser.add_argument("--kind", choices=generators.KINDS, default="diffusion")
     parser.add_argument("--data", choices=generators.TRAINING_SETS, default="faces")
     parser.add_argument("--steps", type=int, default=GeneratorConfig.steps, help="optimiser steps to train to")
@@ -118,7 +119,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ddim-steps", type=int, default=25, help="measure: DDIM steps per sample and completion")
     parser.add_argument("--members", type=int, default=100, help="measure: training and held-out images to complete")
     parser.add_argument("--faces-model", type=Path, help="measure: the faces classifier (default: the shipped one)")
-    parser.add_argument("--out", type=Path, default=Path("generators"), help="measure: where NAME.json/.md/.png go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("generators"),
+        help="where measure (NAME.json/.md/.png), report and export write",
+    )
     return parser
 
 
@@ -145,6 +151,9 @@ def main(args: argparse.Namespace) -> int:
         path = generators.train(config, progress=progress)
         trained = generators.load(config)
         print(f"{path}: {trained.step} steps in {trained.seconds:.0f} s of training")
+        return 0
+    if args.action == "export":
+        print(generators.export(generators.load(config), args.out))
         return 0
     result, images, found = measure(
         config, samples=args.samples, ddim_steps=args.ddim_steps, members=args.members, faces_model=args.faces_model
