@@ -235,6 +235,15 @@ def report(results: list[dict]) -> str:
         else:
             cells += ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
+    leaning = [r for r in results if len(r["extraction"]["train"].get("nearest_by_copies", {})) > 1]
+    if leaning:
+        lines += ["", "Share of samples whose nearest training image was seen each number of times:", ""]
+        lines += ["| generator | defence | steps | " + " | ".join(f"nearest x{c}" for c in counts) + " |"]
+        lines.append("|---" * (3 + len(counts)) + "|")
+        for r in leaning:
+            share = r["extraction"]["train"]["nearest_by_copies"]
+            cells = [r["config"]["kind"], _defence(r["config"]), str(r["training"]["steps"])]
+            lines.append("| " + " | ".join(cells + [f"{share.get(str(c), 0):.1%}" for c in counts]) + " |")
     measured = [r for r in results if r["membership"]]
     if measured:
         lines += ["", "| generator | data | defence | score | AUC | TPR at 1% FPR | TPR at 10% FPR |", "|---" * 7 + "|"]
