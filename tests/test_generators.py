@@ -179,3 +179,12 @@ def test_generators_train_and_measure_from_the_command_line(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "| diffusion | faces | none | 4 |" in report and "| diffusion | faces | none | inpainting |" in report
     assert f"src='{written.stem}.png'" in (tmp_path / "index.html").read_text()
+
+
+def test_measuring_an_untrained_generator_says_how_to_train_it(tmp_path, monkeypatch, capsys):
+    from splitleak import cli
+
+    monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))
+    assert cli.main(["generators", "measure", "--kind", "gan", "--data", "faces", "--out", str(tmp_path)]) == 2
+    assert "splitleak generators train --kind gan --data faces" in capsys.readouterr().err
+    assert cli.main(["generators", "report", "--out", str(tmp_path)]) == 2
