@@ -1,7 +1,8 @@
 """A DCGAN for 32x32 images (Radford et al., ICLR 2016, "Unsupervised Representation Learning with Deep
 Convolutional Generative Adversarial Networks"): transposed convolutions up from a latent vector, strided convolutions
-down to one logit, batch norm in both but on the discriminator's first layer, Adam at 2e-4 with beta1 = 0.5, as the
-paper's section 4 sets them. Trained with the non-saturating loss (the generator maximises log D(G(z))).
+down to one logit, batch norm in both but on the discriminator's first layer, Adam with beta1 = 0.5 as the paper's
+section 4 sets it (its learning rate, 2e-4, is the caller's: splitleak.model.generators trains at 5e-4). Trained with
+the non-saturating loss (the generator maximises log D(G(z))).
 """
 
 from __future__ import annotations
