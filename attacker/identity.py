@@ -57,9 +57,10 @@ def leakage(generated: np.ndarray, ts: TrainingSet, *, model_dir: Path | None = 
     """The share of `generated` faces nearest a person `ts` trained on, against those it held out."""
     people = np.concatenate([ts.labels, ts.held_out_labels])
     real = people >= 0  # not the canaries, who are no one
-    gallery = features(np.concatenate([ts.images, ts.held_out])[real], model_dir)
     people = people[real]
-    matched, _ = nearest_people(features(generated, model_dir), gallery, people)
+    both = features(np.concatenate([np.concatenate([ts.images, ts.held_out])[real], generated]), model_dir)
+    gallery = both[: len(people)]
+    matched, _ = nearest_people(both[len(people) :], gallery, people)
     training_people = np.unique(ts.labels[ts.labels >= 0])
     hits = int(np.isin(matched, training_people).sum())
     ci = binomtest(hits, len(generated)).proportion_ci(0.95, method="wilson")
