@@ -29,7 +29,7 @@ from splitleak.demo.simulation import Settings, Simulation
 PAGE_RATE = 30  # updates a second, at most, to each page
 STATUS_EVERY_S = 0.5  # with nothing new, the page still hears how the processes are, this often
 STATIC = Path(__file__).resolve().parent / "static"
-FACES_MODEL_DIR = manifest.DEFAULT_MODEL_DIR.parent / "resnet20-att_faces"
+FACES_MODEL_DIR = manifest.FACES_MODEL_DIR
 SIMULATION = web.AppKey("simulation", Simulation)
 CLOSING = web.AppKey("closing", asyncio.Event)
 

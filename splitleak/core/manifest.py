@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "resnet20-cifar10"
+FACES_MODEL_DIR = DEFAULT_MODEL_DIR.parent / "resnet20-att_faces"  # the shipped faces classifier (40 people)
 
 
 @dataclass(frozen=True)
