@@ -9,6 +9,7 @@ python bench/bare_echo.py REPLY_BYTES [--aio]   # prints "listening on 127.0.0.1
 """
 
 import asyncio
+import queue
 import re
 import signal
 import subprocess
@@ -27,6 +28,23 @@ def start(reply_bytes: int, *, aio: bool = False) -> tuple[subprocess.Popen, int
     cmd = [sys.executable, str(Path(__file__)), str(reply_bytes), *(["--aio"] if aio else [])]
     bare = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     return bare, int(re.search(r":(\d+)", bare.stdout.readline()).group(1))
+
+
+def time_stream(benchmark, port: int, method: str, payload: bytes, *, rounds: int, warmup_rounds: int) -> None:
+    """Time one round trip on one open stream to 127.0.0.1:`port` (`method`: the echo's, or the cloud's
+    ModelStreamInfer), `payload` a serialized request; connected before the clock starts."""
+    outbox: queue.Queue = queue.Queue()
+    with transport.channel(f"127.0.0.1:{port}") as channel:
+        answers = channel.stream_stream(method)(iter(outbox.get, None))
+
+        def round_trip():
+            outbox.put(payload)
+            return next(answers)
+
+        round_trip()
+        benchmark.pedantic(round_trip, rounds=rounds, warmup_rounds=warmup_rounds)
+        outbox.put(None)
+        answers.cancel()
 
 
 def serve_sync(reply: bytes) -> None:

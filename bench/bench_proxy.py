@@ -11,8 +11,6 @@ adds, in bare hops.
 
 from __future__ import annotations
 
-import queue
-
 import bare_echo
 import numpy as np
 import pytest
@@ -73,19 +71,8 @@ def test_stream_round_trip_of_one_frame(benchmark, ratios, routes, frame_request
         method = "/bare.Echo/Stream"
     else:
         port, method = routes[route], f"/{transport.SERVICE_NAME}/ModelStreamInfer"
-    outbox: queue.Queue = queue.Queue()
     try:
-        with transport.channel(f"127.0.0.1:{port}") as channel:
-            answers = channel.stream_stream(method)(iter(outbox.get, None))
-
-            def round_trip():
-                outbox.put(payload)
-                return next(answers)
-
-            round_trip()  # connected before the clock starts
-            benchmark.pedantic(round_trip, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-            outbox.put(None)
-            answers.cancel()
+        bare_echo.time_stream(benchmark, port, method, payload, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     finally:
         if bare is not None:
             stop(bare)
