@@ -122,12 +122,7 @@ def run(plan: Plan, *, progress: bool = True) -> dict:
         train_set, test_set, (images, labels, repeats) = training_set(plan)
         mean, std = train.channel_mean_std(train_set.images)
         prepared = train.training_data(train_set, test_set, mean, std)
-        model, objective, optimizer, schedule = train.build_training(plan.config, prepared, None)
-        generator = torch.Generator().manual_seed(plan.config.seed)
-        for epoch in range(plan.config.epochs):
-            train.train_one_epoch(
-                model, objective, optimizer, schedule, prepared, generator, epoch, plan.config, progress=progress
-            )
+        model = train.fit(plan.config, prepared, progress=progress)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{plan.key()}.tmp.npz"
         np.savez(

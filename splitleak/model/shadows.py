@@ -107,10 +107,7 @@ def train_shadow(recipe: Recipe, index: int, pool: data.Dataset, population: dat
     mask = masks(recipe.count, recipe.pool, recipe.config.seed)[index]
     mean, std = train.channel_mean_std(pool.images)  # the pool's, fixed for every model, as a target's would be
     prepared = train.training_data(pool.take(np.flatnonzero(mask)), population, mean, std)
-    model, objective, optimizer, schedule = train.build_training(c, prepared, None)
-    generator = torch.Generator().manual_seed(c.seed)
-    for epoch in range(c.epochs):
-        train.train_one_epoch(model, objective, optimizer, schedule, prepared, generator, epoch, c, progress=False)
+    model = train.fit(c, prepared, progress=False)
     return {
         "mask": mask,
         "logits": _queries(model, to_tensor(pool.images, mean, std)),

@@ -181,6 +181,16 @@ def train_one_epoch(
     return {k: float(np.mean(v)) for k, v in terms.items()}
 
 
+def fit(config: TrainConfig, prepared: TrainingData, *, progress: bool) -> torch.nn.Module:
+    """A fresh model of `config` trained on `prepared` for its epochs, and nothing else: no log, no checkpoint (shadow
+    models, canary runs)."""
+    model, objective, optimizer, schedule = build_training(config, prepared, None)
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        train_one_epoch(model, objective, optimizer, schedule, prepared, generator, epoch, config, progress=progress)
+    return model
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
