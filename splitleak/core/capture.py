@@ -176,20 +176,15 @@ class CaptureSink:
 
     def put(self, request_bytes: bytes, captured_ns: int) -> bool:
         """Queue a copy for the consumers; False if it was dropped because the queue is full."""
-        try:
-            self._queue.put_nowait((request_bytes, captured_ns))
-            return True
-        except queue.Full:
-            with self._lock:
-                self.dropped += 1
-            return False
+        return self._offer((request_bytes, captured_ns))
 
     def put_response(self, kind: bytes, response_bytes: bytes, captured_ns: int) -> bool:
         """Queue a copy of one of the cloud's answers for the writer; False if it was dropped (the queue is full)."""
-        if self.writer is None:
-            return True
+        return self.writer is None or self._offer((kind, response_bytes, captured_ns))
+
+    def _offer(self, item: tuple) -> bool:
         try:
-            self._queue.put_nowait((kind, response_bytes, captured_ns))
+            self._queue.put_nowait(item)
             return True
         except queue.Full:
             with self._lock:
