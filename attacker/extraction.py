@@ -140,8 +140,16 @@ def membership(
     return {name: asdict(judge(name, s, is_member, resamples=resamples, seed=seed)) for name, s in scores.items()}
 
 
-def grid(samples: np.ndarray, references: np.ndarray, found: Extraction, out: Path, *, pairs: int = 8) -> None:
-    """A PNG of the `pairs` samples most like a training image (lowest ratio), each above its nearest training image,
+def grid(
+    samples: np.ndarray,
+    references: np.ndarray,
+    found: Extraction,
+    out: Path,
+    *,
+    pairs: int = 8,
+    reference_name: str = "training",
+) -> None:
+    """A PNG of the `pairs` samples most like a reference image (lowest ratio), each above its nearest reference image,
     with the ratio and the distance under it."""
     import matplotlib
 
@@ -159,7 +167,7 @@ def grid(samples: np.ndarray, references: np.ndarray, found: Extraction, out: Pa
             ax.set_yticks([])
         axes[1, col].set_xlabel(f"{found.ratio[i]:.2f}\n{found.distance[i]:.3f}", fontsize=7)
     axes[0, 0].set_ylabel("generated", fontsize=7)
-    axes[1, 0].set_ylabel("nearest\ntraining", fontsize=7)
+    axes[1, 0].set_ylabel(f"nearest\n{reference_name}", fontsize=7)
     fig.tight_layout(pad=0.3)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -21,6 +21,10 @@ COMMANDS = {
     "shadows": ("splitleak.model.shadows", "train shadow models on random halves of a pool, for membership inference"),
     "membership": ("splitleak.attacker.membership", "membership inference (LiRA, RMIA, loss) against shadow models"),
     "canaries": ("splitleak.attacker.canaries", "plant noise canaries 1, 4 and 16 times in training; their exposure"),
+    "extract": (
+        "splitleak.attacker.split_extraction",
+        "do data-free synthesis or class inversion copy training images?",
+    ),
     "generators": ("splitleak.study.generators", "train a diffusion model or GAN; extract its training images back"),
     "attack": ("splitleak.attacker.replay", "invert the activations in a capture and score the reconstructions"),
     "attacker": ("splitleak.attacker.cli", "tap the channel between device and cloud (see splitleak attacker --help)"),

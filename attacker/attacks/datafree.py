@@ -25,7 +25,7 @@ them into the convolutions (torch.onnx's default constant folding, TFLite, Core 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from splitleak.attacker.attacks.base import (
 )
 from splitleak.attacker.attacks.rmle import total_variation
 from splitleak.core import defences
+from splitleak.core.manifest import Manifest
 
 # As in DeepInversion's code, the first batch norm counts ten times as much as the others: it alone sees the image's
 # colours and edges. The priors' weights were tuned at the stem of ResNet-20 on CIFAR-10 (pixels in [0, 1]): a TV
@@ -146,8 +147,7 @@ class DivideAndConquerInversion(Attack):
         self._rng = np.random.default_rng(k.seed)
         head = to_torch(self.split.head)
         head.requires_grad_(False)
-        self.batch_norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm | OnnxBatchNorm)]
-        if not self.batch_norms:
+        if not batch_norms_of(head):
             raise ValueError(
                 f"{self.split.head} has no BatchNormalization nodes, so the data-free attack has no statistics to "
                 f"synthesise images from: the model has no batch norm ({manifest.model} at {split}), or its exporter "
@@ -165,9 +165,7 @@ class DivideAndConquerInversion(Attack):
         if path.exists():
             self.inverses.load_state_dict(torch.load(path, weights_only=True))
         else:
-            synthesis = dict(n=k.synthetic_images, steps=k.synthesis_steps, batch_size=k.batch_size, seed=k.seed)
-            undefended_path = cache_path(self.name, manifest, split, undefended_knobs)
-            synthetic = self._synthetic(undefended_path, **synthesis, progress=self.progress)
+            synthetic = synthetic_images(manifest, split, k, head=head, progress=self.progress)
             if not undefended:  # start from the undefended inverses
                 start = DivideAndConquerInversion(
                     manifest=manifest, split=split, progress=self.progress, **undefended_knobs
@@ -177,18 +175,6 @@ class DivideAndConquerInversion(Attack):
             self._train(synthetic, epochs=k.epochs if undefended else k.adapt_epochs, **train)
             torch.save(self.inverses.state_dict(), path)
         self.inverses.eval()
-
-    def _synthetic(self, path, *, n: int, steps: int, batch_size: int, seed: int, progress: bool) -> torch.Tensor:
-        """The synthetic images for the undefended inverses cached at `path`: made once, kept beside them."""
-        kept = path.with_suffix(".synthetic.pt")
-        if kept.exists():
-            return torch.load(kept, weights_only=True)
-        torch.manual_seed(seed)
-        synthetic = torch.cat(
-            [self._synthesise(min(batch_size, n - i), steps, progress) for i in range(0, n, batch_size)]
-        )
-        torch.save(synthetic, kept)
-        return synthetic
 
     def _shapes(self) -> list[tuple[int, ...]]:
         """The shape (C, H, W) of each block's input, and of the last block's output."""
@@ -206,58 +192,6 @@ class DivideAndConquerInversion(Attack):
         for block in self.blocks:
             features.append(block(features[-1]))
         return features
-
-    def _synthesise(self, n: int, steps: int, progress: bool) -> torch.Tensor:
-        """DeepInversion from the head's batch norms: n normalised images (n, C, H, W)."""
-        from tqdm import tqdm
-
-        moments: list[torch.Tensor] = []
-
-        def match(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            x = args[0]  # (B, C, H, W), what the batch norm normalises
-            mean, var = (
-                (module.running_mean, module.running_var)
-                if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                else args[3:5]
-            )
-            dims = [0, *range(2, x.dim())]
-            weight = FIRST_BN_WEIGHT if not moments else 1.0
-            moments.append(
-                weight
-                * (
-                    torch.linalg.vector_norm(x.mean(dims) - mean)
-                    + torch.linalg.vector_norm(x.var(dims, unbiased=False) - var)
-                )
-            )
-
-        hooks = [m.register_forward_hook(match) for m in self.batch_norms]
-        c, h, w = self.manifest.input_shape
-        pixels = torch.rand(n, c, h, w, requires_grad=True)  # (n, C, H, W) in [0, 1]
-        optimizer = torch.optim.Adam([pixels], lr=SYNTHESIS_LR, betas=(0.5, 0.9))
-        try:
-            for _ in tqdm(range(steps), desc=f"{self.name}: synthesis", disable=not progress, leave=False):
-                dy, dx = torch.randint(-JITTER, JITTER + 1, (2,)).tolist()
-                x = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
-                if torch.rand(()) < 0.5:
-                    x = x.flip(3)
-                x = (x - self.mean) / self.std
-                moments.clear()
-                for block in self.blocks:
-                    x = block(x)
-                loss = (
-                    sum(moments)
-                    + TV_WEIGHT * total_variation(pixels).mean()
-                    + L2_WEIGHT * ((pixels - self.mean) / self.std).square().mean()
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    pixels.clamp_(0.0, 1.0)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return ((pixels.detach() - self.mean) / self.std).contiguous()
 
     def _train(
         self, synthetic: torch.Tensor, *, epochs: int, batch_size: int, lr: float, cycle_weight: float, progress: bool
@@ -317,3 +251,93 @@ class DivideAndConquerInversion(Attack):
                 for i in range(0, len(activations), batch)
             ]
         )
+
+
+def synthetic_images(
+    manifest: Manifest,
+    split: str,
+    knobs: DivideAndConquerInversion.Knobs,
+    *,
+    head: nn.Module | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Step 1 alone: the `knobs.synthetic_images` normalised images (n, C, H, W) synthesised from the head's batch
+    norms, made once and cached beside the undefended inverses they train (so a run of the attack and a study of the
+    images themselves, attacker.extraction's, share them)."""
+    undefended = {name: value for name, value in asdict(knobs).items() if name != "adapt_epochs"}
+    kept = cache_path(DivideAndConquerInversion.name, manifest, split, undefended).with_suffix(".synthetic.pt")
+    if kept.exists():
+        return torch.load(kept, weights_only=True)
+    if head is None:
+        head = to_torch(manifest.split(split).head)
+        head.requires_grad_(False)
+    torch.manual_seed(knobs.seed)
+    n, size = knobs.synthetic_images, knobs.batch_size
+    mean = torch.from_numpy(manifest.mean)[:, None, None]
+    std = torch.from_numpy(manifest.std)[:, None, None]
+    synthetic = torch.cat(
+        [
+            deep_inversion(head, mean, std, manifest.input_shape, min(size, n - i), knobs.synthesis_steps, progress)
+            for i in range(0, n, size)
+        ]
+    )
+    torch.save(synthetic, kept)
+    return synthetic
+
+
+def deep_inversion(
+    head: nn.Module, mean: torch.Tensor, std: torch.Tensor, shape: tuple[int, ...], n: int, steps: int, progress: bool
+) -> torch.Tensor:
+    """DeepInversion from the head's batch norms: n normalised images (n, C, H, W); `mean` and `std` (C, 1, 1) the
+    model's input normalisation."""
+    from tqdm import tqdm
+
+    moments: list[torch.Tensor] = []
+
+    def match(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        x = args[0]  # (B, C, H, W), what the batch norm normalises
+        running_mean, running_var = (
+            (module.running_mean, module.running_var)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            else args[3:5]
+        )
+        dims = [0, *range(2, x.dim())]
+        weight = FIRST_BN_WEIGHT if not moments else 1.0
+        moments.append(
+            weight
+            * (
+                torch.linalg.vector_norm(x.mean(dims) - running_mean)
+                + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
+            )
+        )
+
+    hooks = [m.register_forward_hook(match) for m in batch_norms_of(head)]
+    pixels = torch.rand(n, *shape, requires_grad=True)  # (n, C, H, W) in [0, 1]
+    optimizer = torch.optim.Adam([pixels], lr=SYNTHESIS_LR, betas=(0.5, 0.9))
+    try:
+        for _ in tqdm(range(steps), desc="datafree: synthesis", disable=not progress, leave=False):
+            dy, dx = torch.randint(-JITTER, JITTER + 1, (2,)).tolist()
+            x = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
+            if torch.rand(()) < 0.5:
+                x = x.flip(3)
+            moments.clear()
+            head((x - mean) / std)
+            loss = (
+                sum(moments)
+                + TV_WEIGHT * total_variation(pixels).mean()
+                + L2_WEIGHT * ((pixels - mean) / std).square().mean()
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0.0, 1.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ((pixels.detach() - mean) / std).contiguous()
+
+
+def batch_norms_of(head: nn.Module) -> list[nn.Module]:
+    """The head's batch norms, as torch's own or as onnx2torch converts ONNX's BatchNormalization."""
+    return [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm | OnnxBatchNorm)]
