@@ -3,7 +3,9 @@
 1. `decoder` (InverseNetwork), and on ResNet-20 `datafree` (its inverse blocks, run one after another): one batched
    forward pass over BATCH intercepted 32x32 frames, against the head's own forward pass (ONNX Runtime, what the
    device runs) on the same frames; reports frames/s and the ratio. The target is at least 500 frames/s on a 2-core
-   laptop CPU at every split point.
+   laptop CPU at every split point. Each is timed twice: in PyTorch (`Attack.invert`), and exported to ONNX and run
+   with ONNX Runtime on one thread (`decoder.onnx`, `datafree.onnx`), as `splitleak attacker train-decoder` exports
+   it and the live attacker runs it.
 2. `rmle` (RegularizedMLE): RMLE_STEPS Adam steps on RMLE_BATCH frames, extrapolated linearly to the paper's 5000
    steps per frame (every step costs the same: one forward and one backward pass of the head), against the decoder.
 
@@ -30,8 +32,11 @@ from conftest import export_random
 
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import model_input, session
+from splitleak.attacker.live import ExportedInverse
+from splitleak.attacker.train_decoder import ChannelsLast
 from splitleak.core import manifest
 from splitleak.model import zoo
+from splitleak.model.export import export_onnx
 
 BATCH = 256
 RMLE_BATCH = 32
@@ -44,8 +49,12 @@ CASES = [("resnet20", s) for s in zoo.ZOO["resnet20"].split_points] + [
     ("hecnn", s) for s in zoo.ZOO["hecnn"].split_points
 ]
 # He et al.'s CNN has no batch norm for the data-free attack to start from.
+# "X.onnx": attack X exported as `splitleak attacker train-decoder` exports it, run as the live attacker runs it.
 RUNNERS = [
-    (*case, r) for case in CASES for r in ("head", "decoder", "datafree") if r != "datafree" or case[0] != "hecnn"
+    (*case, r)
+    for case in CASES
+    for r in ("head", "decoder", "decoder.onnx", "datafree", "datafree.onnx")
+    if not (r.startswith("datafree") and case[0] == "hecnn")
 ]
 DATAFREE_TINY = dict(synthetic_images=8, synthesis_steps=1, batch_size=8, epochs=1, adapt_epochs=1)
 
@@ -73,17 +82,24 @@ def intercepted(m: manifest.Manifest, split: str, n: int) -> np.ndarray:
 
 # The head runs first in each case: it is the baseline the decoder's ratio is taken against.
 @pytest.mark.parametrize(("model", "split", "runner"), RUNNERS)
-def test_decoder_inverts_a_batch_against_the_head_that_made_it(benchmark, ratios, model_dirs, model, split, runner):
+def test_decoder_inverts_a_batch_against_the_head_that_made_it(
+    benchmark, ratios, model_dirs, tmp_path, model, split, runner
+):
     m = manifest.load(model_dirs[model])
     if runner == "head":
         head, x = session(m.split(split).head), model_input(m, frames(BATCH))
         run, args = (lambda image: head.run(["activation"], {"image": image})), (x,)
     else:
-        if runner == "decoder":
+        if runner.startswith("decoder"):
             attack = build("decoder", manifest=m, split=split, auxiliary=frames(64), epochs=1)
         else:
             attack = build("datafree", manifest=m, split=split, **DATAFREE_TINY)
         run, args = attack.invert, (intercepted(m, split, BATCH),)
+        if runner.endswith(".onnx"):
+            path = tmp_path / f"{split}.{attack.name}.onnx"
+            export_onnx(ChannelsLast(attack.network()), torch.zeros(2, *attack.split.activation_shape), path,
+                        "activation", "reconstruction")  # fmt: skip
+            run = ExportedInverse(path).invert
     benchmark.group = f"{model}.{split}, {BATCH} frames of 32x32"
     benchmark.pedantic(run, args=args, rounds=ROUNDS, warmup_rounds=1)
     if benchmark.stats is not None:

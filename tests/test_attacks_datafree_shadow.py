@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from splitleak import cli
+from splitleak.attacker import live
 from splitleak.attacker.attacks import build
 from splitleak.attacker.attacks.base import query, session
 from splitleak.attacker.attacks.datafree import blocks_of
@@ -77,6 +79,26 @@ def test_datafree_at_the_stem_reconstructs_test_frames_from_no_data_at_all(model
     again = build("datafree", **knobs)  # trained inverses come back from the cache
     assert time.perf_counter() - start < 5
     np.testing.assert_array_equal(again.invert(activations), reconstructions)
+
+
+@pytest.mark.slow
+def test_datafree_exported_for_the_live_attacker_inverts_as_it_does_in_torch(
+    model_dir_with_batch_norm, victim, tmp_path
+):
+    """`splitleak attacker train-decoder --attack datafree` exports the chained inverses as one ONNX file, which the
+    live attacker runs with ONNX Runtime, several times faster than PyTorch (bench/bench_attacks.py)."""
+    m = manifest.load(model_dir_with_batch_norm)
+    knobs = dict(synthetic_images=64, synthesis_steps=100, epochs=30, width=32)  # the test above's: from the cache
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in knobs.items()]
+    export = ["attacker", "train-decoder", "--model-dir", str(model_dir_with_batch_norm), "--attack", "datafree"]
+    assert cli.main([*export, "--split", "stem", "--held-out", "8", "--out", str(tmp_path), *flags]) == 0
+    activations = intercept(model_dir_with_batch_norm, "stem", victim)
+
+    exported = live.load_attacks(m, tmp_path)["datafree"]["stem"]
+
+    expected = build("datafree", manifest=m, split="stem", **knobs).invert(activations)
+    np.testing.assert_allclose(exported.invert(activations), expected, atol=1e-4)
+    assert float(exported.metadata["psnr"]) > 20
 
 
 def test_datafree_refuses_a_head_without_batch_norm(tmp_path):

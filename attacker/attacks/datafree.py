@@ -123,6 +123,7 @@ class DivideAndConquerInversion(Attack):
         "included, and no data at all."
     )
     adaptive = True
+    exportable = True  # the chained inverses are one network: the live attacker runs it with ONNX Runtime
 
     @dataclass(frozen=True)
     class Knobs:
@@ -240,17 +241,35 @@ class DivideAndConquerInversion(Attack):
             x = inverse(x)
         return x  # (B, C, H, W), normalised
 
+    def network(self) -> nn.Module:
+        return ChainedInverses(self.inverses, self.mean, self.std).eval()
+
     @torch.inference_mode()
     def _invert(self, activations: np.ndarray) -> np.ndarray:
-        batch = 256
+        batch, network = 256, self.network()
         return np.concatenate(
             [
-                (self._decode(torch.from_numpy(activations[i : i + batch])) * self.std + self.mean)
-                .permute(0, 2, 3, 1)
-                .numpy()
+                network(torch.from_numpy(activations[i : i + batch])).permute(0, 2, 3, 1).numpy()
                 for i in range(0, len(activations), batch)
             ]
         )
+
+
+class ChainedInverses(nn.Module):
+    """The trained inverses from the activation back to the image, as one module: (N, *activation) -> (N, C, H, W)
+    in pixels of [0, 1] (not yet clipped)."""
+
+    def __init__(self, inverses: nn.ModuleList, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.inverses = inverses
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        x = activation
+        for inverse in reversed(self.inverses):
+            x = inverse(x)
+        return x * self.std + self.mean
 
 
 def synthetic_images(
