@@ -25,7 +25,7 @@ them into the convolutions (torch.onnx's default constant folding, TFLite, Core 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ TV_WEIGHT = 10.0
 L2_WEIGHT = 1e-4
 SYNTHESIS_LR = 0.05
 JITTER = 2  # pixels of random shift per synthesis step
+SYNTHESIS_KNOBS = ("synthetic_images", "synthesis_steps", "batch_size", "seed")  # what step 1 depends on
 
 
 def blocks_of(head: fx.GraphModule) -> list[fx.GraphModule]:
@@ -281,10 +282,11 @@ def synthetic_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """Step 1 alone: the `knobs.synthetic_images` normalised images (n, C, H, W) synthesised from the head's batch
-    norms, made once and cached beside the undefended inverses they train (so a run of the attack and a study of the
-    images themselves, attacker.extraction's, share them)."""
-    undefended = {name: value for name, value in asdict(knobs).items() if name != "adapt_epochs"}
-    kept = cache_path(DivideAndConquerInversion.name, manifest, split, undefended).with_suffix(".synthetic.pt")
+    norms, made once and cached, keyed by the knobs synthesis depends on: runs of the attack that differ only in how
+    they train the inverses (their width, epochs, ...) share them, and so does a study of the images themselves
+    (attacker.split_extraction)."""
+    synthesis = {name: getattr(knobs, name) for name in SYNTHESIS_KNOBS}
+    kept = cache_path(DivideAndConquerInversion.name, manifest, split, synthesis).with_suffix(".synthetic.pt")
     if kept.exists():
         return torch.load(kept, weights_only=True)
     if head is None:
