@@ -8,11 +8,13 @@ is asked of the two things an attacker on the split channel can generate from a 
   mean and variance over the whole training set, an average over 50,000 images: the question is whether that average
   gives any single image back.
 - `classes`: a class inversion (Fredrikson, Jha and Ristenpart, CCS 2015, "Model Inversion Attacks that Exploit
-  Confidence Information"): for each class, an image descended on until the model is sure of that class, with a
-  total-variation prior and random shifts. On the faces model each class is one person, so the question is the
-  paper's: does inverting "person 7" give back a photo of person 7 from the training set? It takes gradients through
-  the head (in the app, white box) and the tail, which the party that hosts the tail holds; a tap with no weights
-  would have to estimate them from queries.
+  Confidence Information"): for each class, images descended on until the model is sure of that class, from noise,
+  with random shifts and flips, total-variation and l2 priors, and (by default) DeepInversion's prior that they match
+  the statistics in every batch norm of the model (Yin et al., CVPR 2020), without which a deep network's class
+  inversions are patterns that fool it rather than pictures. On the faces model each class is one person, so the
+  question is the paper's: does inverting "person 7" give back a photo of person 7 from the training set? It takes
+  gradients through the head (in the app, white box) and the tail, which the party that hosts the tail holds; a tap
+  with no weights would have to estimate them from queries.
 
 Each generated image is filtered against the training split and, as the control, against the test split, which the
 model never saw: images are flagged when their nearest reference image is much nearer than the rest of its
@@ -32,13 +34,11 @@ import torch
 from torch import nn
 
 from splitleak.attacker.attacks.base import to_torch
-from splitleak.attacker.attacks.datafree import DivideAndConquerInversion, synthetic_images
-from splitleak.attacker.attacks.rmle import total_variation
+from splitleak.attacker.attacks.datafree import DivideAndConquerInversion, deep_inversion, synthetic_images
 from splitleak.attacker.extraction import Extraction, extract, grid
 from splitleak.core import data, manifest
 
 SOURCES = ("datafree", "classes")
-JITTER = 2  # pixels of random shift per class-inversion step: an image that only works at one offset is noise
 
 
 def to_uint8(normalised: torch.Tensor, m: manifest.Manifest) -> np.ndarray:
@@ -55,35 +55,24 @@ def invert_classes(
     *,
     per_class: int = 1,
     steps: int = 500,
-    lr: float = 0.05,
-    tv_weight: float = 1.0,
+    statistics: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (K * per_class, H, W, C), their classes): for every class, `per_class` images that the head and
-    tail at `split` give that class, from uniform noise, by Adam on -log p(class) + tv_weight * TV."""
-    from tqdm import tqdm
-
+    tail at `split` give that class, from uniform noise. With `statistics`, the images also match the batch norms'
+    statistics of the whole model (DeepInversion's prior, Yin et al. 2020); without, only total variation and an l2
+    prior hold them (Fredrikson et al.'s inversion, which on a deep network gives patterns that fool it)."""
     parts = m.split(split)
     model = nn.Sequential(to_torch(parts.head), to_torch(parts.tail)).requires_grad_(False)
     mean = torch.from_numpy(m.mean)[:, None, None]
     std = torch.from_numpy(m.std)[:, None, None]
     torch.manual_seed(seed)
     classes = torch.arange(len(m.classes)).repeat_interleave(per_class)
-    pixels = torch.rand(len(classes), *m.input_shape, requires_grad=True)
-    optimizer = torch.optim.Adam([pixels], lr=lr)
-    for _ in tqdm(range(steps), desc="class inversion", disable=not progress, leave=False):
-        dy, dx = torch.randint(-JITTER, JITTER + 1, (2,)).tolist()
-        x = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
-        loss = nn.functional.cross_entropy(model((x - mean) / std), classes, reduction="sum")
-        loss = loss + tv_weight * total_variation(pixels).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            pixels.clamp_(0, 1)
-    images = (pixels.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return images, classes.numpy()
+    normalised = deep_inversion(
+        model, mean, std, m.input_shape, len(classes), steps, progress, targets=classes, statistics=statistics
+    )
+    return to_uint8(normalised, m), classes.numpy()
 
 
 def references(m: manifest.Manifest, dataset: str, seed: int) -> tuple[data.Dataset, data.Dataset]:
@@ -127,7 +116,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthesis-steps", type=int, default=300, help="datafree: steps of synthesis")
     parser.add_argument("--per-class", type=int, default=4, help="classes: images per class")
     parser.add_argument("--steps", type=int, default=500, help="classes: steps of descent")
-    parser.add_argument("--tv-weight", type=float, default=1.0, help="classes: weight of the total-variation prior")
+    parser.add_argument(
+        "--no-statistics",
+        action="store_true",
+        help="classes: no batch-norm prior, only total variation and l2 (Fredrikson et al.'s plain inversion)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="where the JSON and the grids go (default: the cache)")
     return parser
@@ -145,12 +138,13 @@ def main(args: argparse.Namespace) -> int:
         recipe = {"synthetic_images": args.synthetic_images, "synthesis_steps": args.synthesis_steps}
     else:
         samples, classes = invert_classes(
-            m, split, per_class=args.per_class, steps=args.steps, tv_weight=args.tv_weight, seed=args.seed,
+            m, split, per_class=args.per_class, steps=args.steps, statistics=not args.no_statistics, seed=args.seed,
             progress=True,
         )  # fmt: skip
-        recipe = {"per_class": args.per_class, "steps": args.steps, "tv_weight": args.tv_weight}
+        recipe = {"per_class": args.per_class, "steps": args.steps, "statistics": not args.no_statistics}
     train, test = references(m, dataset, args.seed)
-    out = args.out or data.cache_dir() / "extraction" / f"{m.name}-{split}-{args.source}"
+    kind = args.source if args.source == "datafree" or not args.no_statistics else "classes-plain"
+    out = args.out or data.cache_dir() / "extraction" / f"{m.name}-{split}-{kind}"
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": m.name, "split": split, "source": args.source, "samples": len(samples), **recipe}
     for name, reference in (("train", train), ("test", test)):

@@ -307,10 +307,24 @@ def synthetic_images(
 
 
 def deep_inversion(
-    head: nn.Module, mean: torch.Tensor, std: torch.Tensor, shape: tuple[int, ...], n: int, steps: int, progress: bool
+    model: nn.Module,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    shape: tuple[int, ...],
+    n: int,
+    steps: int,
+    progress: bool,
+    *,
+    targets: torch.Tensor | None = None,
+    statistics: bool = True,
 ) -> torch.Tensor:
-    """DeepInversion from the head's batch norms: n normalised images (n, C, H, W); `mean` and `std` (C, 1, 1) the
-    model's input normalisation."""
+    """DeepInversion: n normalised images (n, C, H, W) descended on to match the batch norms' statistics of `model`
+    (the head, here; without `statistics`, none), under a total-variation and an l2 prior; `mean` and `std` (C, 1, 1)
+    are the model's input normalisation.
+
+    With `targets` (n,) class indices, `model` is the whole classifier and the images are also descended on to be
+    given those classes (cross-entropy on its logits): Yin et al.'s class-conditional synthesis, and, without
+    `statistics`, a plain class inversion (Fredrikson et al. 2015) with the same priors."""
     from tqdm import tqdm
 
     moments: list[torch.Tensor] = []
@@ -332,22 +346,24 @@ def deep_inversion(
             )
         )
 
-    hooks = [m.register_forward_hook(match) for m in batch_norms_of(head)]
+    hooks = [m.register_forward_hook(match) for m in batch_norms_of(model)] if statistics else []
     pixels = torch.rand(n, *shape, requires_grad=True)  # (n, C, H, W) in [0, 1]
     optimizer = torch.optim.Adam([pixels], lr=SYNTHESIS_LR, betas=(0.5, 0.9))
     try:
-        for _ in tqdm(range(steps), desc="datafree: synthesis", disable=not progress, leave=False):
+        for _ in tqdm(range(steps), desc="deep inversion", disable=not progress, leave=False):
             dy, dx = torch.randint(-JITTER, JITTER + 1, (2,)).tolist()
             x = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
             if torch.rand(()) < 0.5:
                 x = x.flip(3)
             moments.clear()
-            head((x - mean) / std)
+            output = model((x - mean) / std)
             loss = (
                 sum(moments)
                 + TV_WEIGHT * total_variation(pixels).mean()
                 + L2_WEIGHT * ((pixels - mean) / std).square().mean()
             )
+            if targets is not None:
+                loss = loss + F.cross_entropy(output, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
