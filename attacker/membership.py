@@ -3,12 +3,13 @@
 The attacks, each a score per (model, example) where higher means "member":
 
 - `loss`: the loss-threshold baseline (Yeom et al. 2018), the log-probability the model gives the label.
-- `lira-online`, `lira-offline`, `lira-fixed`: LiRA (Carlini et al., S&P 2022, "Membership Inference Attacks From
-  First Principles", Algorithm 1). The model's confidence in the label, scaled to a logit
+- `lira-online`, `lira-offline`, `lira-fixed`, `lira-offline-fixed`: LiRA (Carlini et al., S&P 2022, "Membership
+  Inference Attacks From First Principles", Algorithm 1). The model's confidence in the label, scaled to a logit
   phi = log p_y - log(1 - p_y), is compared with its distribution over reference models trained with the example (IN)
   and without it (OUT), each a Gaussian fitted per example and per query (the image and its flip):
-  online is the likelihood ratio IN against OUT; offline, the one-sided test against OUT alone; fixed, online with
-  one variance for every example on each side (the paper's choice when reference models are few).
+  online is the likelihood ratio IN against OUT; offline, the one-sided test against OUT alone; fixed and
+  offline-fixed, the same with one variance for every example on each side (the paper's choice when reference
+  models are few: a variance fitted to a handful of models is noisier than the mean).
 - `rmia`: RMIA (Zarifzadeh et al., ICML 2024, "Low-Cost High-Power Membership Inference Attacks"): the likelihood
   ratio p(y|x, target) / p(y|x) with p(y|x) the reference models' average (offline: OUT models only, corrected by
   `a`), compared pairwise with the same ratio on population examples that no model trained on; the score is the share
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-ATTACKS = ("loss", "lira-online", "lira-offline", "lira-fixed", "rmia")
+ATTACKS = ("loss", "lira-online", "lira-offline", "lira-fixed", "lira-offline-fixed", "rmia")
 FPRS = (0.001, 0.01, 0.1)
 MIN_STD = 1e-3  # a per-example standard deviation below this is a fit to too few models: floored
 
@@ -54,15 +55,17 @@ def log_softmax_at(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def lira(
     target_phi: np.ndarray, ref_phi: np.ndarray, ref_in: np.ndarray, mode: str, use: np.ndarray | None = None
 ) -> np.ndarray:
-    """LiRA scores (N,) of one target model; `mode`: online, offline, or fixed (online with one variance per side).
+    """LiRA scores (N,) of one target model; `mode`: online, offline, fixed (online with one variance per side) or
+    offline-fixed.
 
     target_phi: (Q, N) the target's scaled logits per query (image, flip); ref_phi: (R, Q, N) the reference models';
     ref_in: (R, N) whether each reference model trained on each example; use: (R, N) which of them to fit on."""
     use = np.ones_like(ref_in) if use is None else use
-    out_mu, out_sd = _fit(ref_phi, ~ref_in, use, fixed=mode == "fixed")
-    if mode == "offline":
+    fixed = mode in ("fixed", "offline-fixed")
+    out_mu, out_sd = _fit(ref_phi, ~ref_in, use, fixed=fixed)
+    if mode.startswith("offline"):
         return norm.logcdf(target_phi, out_mu, out_sd).sum(0)
-    in_mu, in_sd = _fit(ref_phi, ref_in, use, fixed=mode == "fixed")
+    in_mu, in_sd = _fit(ref_phi, ref_in, use, fixed=fixed)
     return (norm.logpdf(target_phi, in_mu, in_sd) - norm.logpdf(target_phi, out_mu, out_sd)).sum(0)
 
 
