@@ -191,11 +191,19 @@ def judge(attack: str, scores: np.ndarray, members: np.ndarray, *, resamples: in
     )
 
 
-def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def leave_one_out(
+    shadows, attack: str, *, references: int | None = None, shuffled: bool = False, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Every shadow model in turn as the target, the others as its references: (scores, members), flattened.
 
-    `shadows` is splitleak.model.shadows.Shadows; `shuffled`: the control, with each target's membership labels
-    permuted, for which any attack's TPR must equal its FPR."""
+    `shadows` is splitleak.model.shadows.Shadows; `references`: use only this many of the others, drawn at random for
+    each target (the same targets judged with fewer references: how TPR grows with the attacker's models);
+    `shuffled`: the control, with each target's membership labels permuted, for which any attack's TPR must equal its
+    FPR."""
+    if references is not None and not 1 <= references < len(shadows.masks):
+        raise ValueError(
+            f"references must be between 1 and {len(shadows.masks) - 1} (the other models), not {references}"
+        )
     labels, count = shadows.labels, len(shadows.masks)
     phi = scaled_logit(shadows.logits, labels)  # (K, Q, N)
     logp = log_softmax_at(shadows.logits, labels)  # (K, Q, N)
@@ -205,6 +213,8 @@ def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0
     all_scores, all_members = [], []
     for t in range(count):
         refs = np.arange(count) != t
+        if references is not None:
+            refs[rng.permutation(np.flatnonzero(refs))[references:]] = False
         # Judged: the examples with a reference model on each side (all of them when the masks are the balanced
         # ones of splitleak.model.shadows; fewer when only some of its models are used).
         ref_in = shadows.masks[refs]
@@ -225,9 +235,10 @@ def leave_one_out(shadows, attack: str, *, shuffled: bool = False, seed: int = 0
     return np.concatenate(all_scores), np.concatenate(all_members)
 
 
-def markdown(results: list[Result], models: int) -> str:
+def markdown(results: list[Result], models: int, references: int | None = None) -> str:
+    refs = "the others" if references is None else f"{references} of the others, drawn at random,"
     lines = [
-        f"Leave one out over {models} shadow models: each in turn the target, the others its references.",
+        f"Leave one out over {models} shadow models: each in turn the target, {refs} its references.",
         "",
         "| attack | AUC | TPR at 0.1% FPR | TPR at 1% FPR | TPR at 10% FPR |",
         "|---|---|---|---|---|",
@@ -264,6 +275,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="where the table, JSON and ROC plot go (default: SHADOWS/membership)")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples for the intervals")
     parser.add_argument("--models", type=int, help="use only the first N shadow models (default: every finished one)")
+    parser.add_argument(
+        "--references",
+        type=int,
+        help="judge every model against only R of the others, drawn at random (default: all of them); the same "
+        "targets with fewer references show what more reference models buy",
+    )
     return parser
 
 
@@ -271,16 +288,18 @@ def main(args: argparse.Namespace) -> int:
     from splitleak.model.shadows import Shadows
 
     shadows = Shadows.load(args.shadows, args.models)
-    out = args.out or args.shadows / "membership" / f"{len(shadows.masks)}-models"
+    folder = f"{len(shadows.masks)}-models" + (f"-{args.references}-references" if args.references else "")
+    out = args.out or args.shadows / "membership" / folder
     out.mkdir(parents=True, exist_ok=True)
     results, rocs = [], {}
     for attack in args.attack or ATTACKS:
-        scores, members = leave_one_out(shadows, attack)
+        scores, members = leave_one_out(shadows, attack, references=args.references)
         results.append(judge(attack, scores, members, resamples=args.resamples))
         rocs[attack] = Roc.of(scores, members)
-    scores, members = leave_one_out(shadows, "lira-online" if len(shadows.masks) > 2 else "loss", shuffled=True)
+    control_attack = "lira-online" if len(shadows.masks) > 2 else "loss"
+    scores, members = leave_one_out(shadows, control_attack, references=args.references, shuffled=True)
     control = judge("shuffled control", scores, members, resamples=args.resamples)
-    table = markdown([*results, control], len(shadows.masks))
+    table = markdown([*results, control], len(shadows.masks), args.references)
     (out / "membership.md").write_text(table)
     (out / "membership.json").write_text(json.dumps([asdict(r) for r in [*results, control]], indent=1) + "\n")
     plot(rocs, out / "roc.png")

@@ -87,6 +87,17 @@ def test_lira_finds_the_members_a_global_loss_threshold_misses_and_the_shuffled_
     assert membership.Roc.of(scores, members).tpr_at(0.01) < 0.03
 
 
+def test_fewer_references_judge_the_same_targets_and_find_fewer_members():
+    shadows = toy(count=16, pool=1000, shift=1.0)
+    tpr = {}
+    for references in (3, 7, None):
+        scores, members = membership.leave_one_out(shadows, "lira-offline-fixed", references=references)
+        tpr[references] = membership.Roc.of(scores, members).tpr_at(0.01)
+    assert tpr[3] < tpr[7] <= tpr[None] * 1.05  # noise aside, more reference models fit each example better
+    with pytest.raises(ValueError, match="references must be between 1 and 15"):
+        membership.leave_one_out(shadows, "loss", references=16)
+
+
 def test_masks_put_every_example_in_exactly_half_the_models():
     masks = shadow_models.masks(6, 500, seed=3)
     assert (masks.sum(0) == 3).all()
