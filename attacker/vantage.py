@@ -256,9 +256,10 @@ def run(
         why = "a top-1 answer has no confidence to calibrate" if answers == "top1" else "they take --shadows"
         raise ValueError(f"{', '.join(refused)} cannot run here: {why}")
     capture = capture_format.read(capture_dir)
-    f = frames(
-        capture, target, VANTAGES[vantage], answers=answers, only=None if references is None else references.frame_ids
-    )
+    # With references, the frames they can calibrate: those at least one of them did not train on (all of them
+    # once a shadow run is finished; some of the pool are in every finished model while it runs).
+    only = None if references is None else references.frame_ids[(~references.trained).any(0)]
+    f = frames(capture, target, VANTAGES[vantage], answers=answers, only=only)
     if f.members.all() or not f.members.any():
         raise ValueError(
             f"{capture_dir} holds {int(f.members.sum())} training and {int((~f.members).sum())} test frames "
