@@ -158,6 +158,11 @@ def frames(
     """The captured frames (those in `only`, when given) as `vantage` reads them."""
     m = manifest.load(model_dir)
     dataset = capture.meta.get("dataset")
+    if dataset is None:
+        raise ValueError(
+            f"{capture.path} does not say which data set its frames come from: capture with "
+            f"splitleak attacker proxy --dataset {m.dataset}, so that frame ids name images and membership"
+        )
     if dataset != m.dataset:
         raise ValueError(
             f"{capture.path} holds frames of {dataset!r} but {m.name} was trained on {m.dataset!r}: membership needs "

@@ -145,3 +145,10 @@ def test_a_frame_id_past_both_splits_or_a_train_frame_of_a_set_without_one_is_re
         data.frames("cifar10", np.array([5, 1400]))
     with pytest.raises(ValueError, match="embedded has no train split"):
         data.draw_frames("embedded", "mix", 10)
+
+
+def test_the_device_refuses_training_frames_from_a_set_that_has_none_before_it_connects(capsys):
+    from splitleak import cli
+
+    assert cli.main(["device", "--dataset", "embedded", "--frames", "mix", "--cloud", "127.0.0.1:9"]) == 2
+    assert "embedded has no train split apart from its test split" in capsys.readouterr().err

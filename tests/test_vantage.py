@@ -119,6 +119,12 @@ def test_a_calibrated_attack_without_reference_models_is_refused_in_one_line(mix
     assert "rmia cannot run here: they take --shadows" in capsys.readouterr().err
 
 
+def test_a_capture_that_names_no_data_set_is_refused_in_one_line(tmp_path, capsys):
+    capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=None).close()
+    assert cli.main(["vantage", "--capture", str(tmp_path), "--vantage", "audit"]) == 2
+    assert "capture with splitleak attacker proxy --dataset cifar10" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_lira_and_rmia_from_the_capture_score_the_frames_the_shadows_hold_as_they_score_the_direct_logits(
     mix, shipped_model_dir, tmp_path, capsys
