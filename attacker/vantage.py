@@ -34,8 +34,8 @@ Two choices keep the evaluation from leaking membership by itself:
   side is therefore cut at random to the same number of models (the smallest any scored frame has), so that the number
   behind a fit, and with it the fit's spread, says nothing.
 - RMIA's population is the captured population frames themselves, with the target's answers on them, since the tap
-  sees the target only through the answers. A population frame is thus compared with itself too, which raises its
-  score by at most one step (1/P), making the test a little harder, never easier.
+  sees the target only through the answers. A population frame (a non-member) is thus compared with itself too,
+  which raises its score by at most one step (1/P): the attack can only look a little weaker for it, never stronger.
 
 `--answers top1` emulates a cloud that answers only the label (splitleak's cloud cannot be told to; the answers are
 cut to a one-hot vector after the fact): every frame's answer then has the same confidence, so the label-free score
