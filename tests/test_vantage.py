@@ -18,6 +18,7 @@ from splitleak.attacker import membership, proxy, vantage
 from splitleak.core import capture, data
 from splitleak.core.process import stop
 from splitleak.device.head import Head
+from splitleak.model import shadows as shadow_models
 
 FRAMES = 400  # half from the sample's 1,000 training images, half from its 400 test images
 TEST_IMAGES = 400  # the sample's test split: frame ids from here on are training images
@@ -123,6 +124,20 @@ def test_a_capture_that_names_no_data_set_is_refused_in_one_line(tmp_path, capsy
     capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=None).close()
     assert cli.main(["vantage", "--capture", str(tmp_path), "--vantage", "audit"]) == 2
     assert "capture with splitleak attacker proxy --dataset cifar10" in capsys.readouterr().err
+
+
+def test_shadows_trained_on_another_copy_of_the_data_set_are_refused_rather_than_misread(tmp_path):
+    recipe = {"config": {"dataset": "cifar10", "seed": 0}, "pool": 10, "count": 2, "population": 5}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    pool, population = shadow_models.draw(0, 10, 5, 1000, TEST_IMAGES)
+    train, test = data.load("cifar10", "train"), data.load("cifar10", "test")
+    np.savez(tmp_path / "pool.npz", labels=train.labels[pool], population_labels=test.labels[population])
+    ids = shadow_models.frame_ids(tmp_path)
+    assert ids[0].tolist() == (TEST_IMAGES + pool).tolist() and ids[1].tolist() == population.tolist()
+
+    np.savez(tmp_path / "pool.npz", labels=(train.labels[pool] + 1) % 10, population_labels=test.labels[population])
+    with pytest.raises(ValueError, match="another copy of cifar10"):
+        shadow_models.frame_ids(tmp_path)
 
 
 @pytest.mark.slow
