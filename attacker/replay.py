@@ -121,9 +121,9 @@ def replay(
     reconstructions = attacker.invert(activations)
     inverted = time.perf_counter()
 
-    test = data.load(dataset, "test")
-    mapped, unmapped = test.labels_as(m.classes)
-    labels = None if unmapped else mapped[frame_ids]
+    streamed = data.frames(dataset, frame_ids)  # the frames' own labels, from whichever split each came
+    mapped, unmapped = streamed.labels_as(m.classes)
+    labels = None if unmapped else mapped
     faces = dataset in IDENTITY_DATASETS
     scores = scoring.score(
         originals,
@@ -131,7 +131,7 @@ def replay(
         manifest=m,
         split=split,
         labels=labels,
-        identities=test.labels[frame_ids] if faces else None,
+        identities=streamed.labels if faces else None,
         gallery=data.load(dataset, "train") if faces else None,
     )
     scores["per_image"]["frame_id"] = frame_ids

@@ -55,22 +55,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 def load_frames(
-    dataset: str, m: manifest.Manifest, limit: int, seed: int = 0
+    dataset: str, m: manifest.Manifest, limit: int, seed: int = 0, frames: str = "test"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices, images resized to the model's input, labels) of `limit` frames drawn without replacement.
-
-    Drawn at random because the shared data sets are stored grouped by class."""
-    ds = data.load(dataset, "test")
-    indices = np.random.default_rng(seed).permutation(len(ds))[:limit]
+    """(frame ids, images resized to the model's input, labels) of `limit` frames drawn without replacement from
+    `frames`: the test split, the train split, or half of each (splitleak.core.data.draw_frames: the frame ids say
+    which split each frame came from)."""
+    ids = data.draw_frames(dataset, frames, limit, seed)
+    ds = data.frames(dataset, ids)
     channels, size = m.input_shape[0], m.input_shape[1]
-    images = data.resize(ds.images[indices], size, channels)
+    images = data.resize(ds.images, size, channels)
     labels, unmapped = ds.labels_as(m.classes)
     if unmapped and len(unmapped) < len(ds.classes):
         # Some classes match the model's by name (an image folder's sub-folders, say) and some do not: say which.
         unlabelled = f"{dataset}: classes {', '.join(unmapped)} are not {m.name}'s; their frames count as unlabelled"
         warnings.warn(unlabelled, stacklevel=2)
-    labels = labels[indices]
-    return indices, images, labels
+    return ids, images, labels
 
 
 def json_lines(path: str):
@@ -104,6 +103,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", help="split point (default: the model's default)")
     parser.add_argument("--dataset", default=None, help="default: cifar10 from the data root, else 'embedded'")
     parser.add_argument("--limit", type=number(int, at_least=1), default=200, help="frames to send")
+    parser.add_argument(
+        "--frames",
+        default="test",
+        choices=data.FRAMES,
+        help="draw the frames from the data set's test split, its train split, or half of each (mix, drawn at random "
+        "with --seed): the frame ids say which (splitleak.core.data), so a tap can score membership",
+    )
     parser.add_argument(
         "--rate", type=number(at_least=0), default=0.0, help="frames per second; 0: one in flight at a time"
     )
@@ -193,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     profile = link.profile(args.link, bandwidth_mbps=args.bandwidth, rtt_ms=args.rtt, jitter_ms=args.jitter)
     dataset = args.dataset or data.default_dataset()
-    indices, images, labels = load_frames(dataset, head.manifest, args.limit, args.seed)
+    indices, images, labels = load_frames(dataset, head.manifest, args.limit, args.seed, args.frames)
     try:
         slow = device_compute.setup(args.model_dir, args.device, args.cpu_quota, args.slow_by)
     except compute.QuotaUnavailable as e:
@@ -217,9 +223,9 @@ def main(args: argparse.Namespace) -> int:
                 raise DeviceError(refusal)
             wire = ", mutual TLS" if tls else ""
             print(
-                f"device: {len(indices)} frames of {dataset} through {head.served_name}, defence {defence.name} "
-                f"(strength {defence.strength:g}), over {profile.describe()} to {args.cloud}{wire} "
-                f"({cloud.describe()})",
+                f"device: {len(indices)} frames of {dataset} ({args.frames}) through {head.served_name}, "
+                f"defence {defence.name} (strength {defence.strength:g}), over {profile.describe()} "
+                f"to {args.cloud}{wire} ({cloud.describe()})",
                 flush=True,
             )
             while True:  # with --loop, the same frames again until stopped
@@ -267,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
             "model": head.manifest.name,
             "split": head.split.name,
             "dataset": dataset,
+            "frames": args.frames,
             "link": profile.__dict__,
             "rate": args.rate,
             "defence": {"name": defence.name, "strength": defence.strength},

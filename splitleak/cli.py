@@ -20,6 +20,10 @@ COMMANDS = {
     "run": ("splitleak.run", "start a cloud and a device as two processes on loopback and print the summary"),
     "shadows": ("splitleak.model.shadows", "train shadow models on random halves of a pool, for membership inference"),
     "membership": ("splitleak.attacker.membership", "membership inference (LiRA, RMIA, loss) against shadow models"),
+    "vantage": (
+        "splitleak.attacker.vantage",
+        "membership inference from a capture: the owner's audit, the app user, the tap",
+    ),
     "canaries": ("splitleak.attacker.canaries", "plant noise canaries 1, 4 and 16 times in training; their exposure"),
     "extract": (
         "splitleak.attacker.split_extraction",

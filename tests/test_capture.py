@@ -129,6 +129,15 @@ def test_originals_are_the_data_set_s_test_frames_at_the_head_s_input_size(tmp_p
         got.originals(np.array([0, -1]), a_manifest((3, 32, 32)))
 
 
+def test_originals_of_a_frame_id_past_the_test_split_are_training_images(tmp_path):
+    with capture.CaptureWriter(tmp_path, tap="proxy", dataset="cifar10", cloud=None) as writer:
+        writer.write(request_bytes(activation(0), frame_id=0), 1)
+    test, train = data.load("cifar10", "test"), data.load("cifar10", "train")
+
+    got = capture.read(tmp_path).originals(np.array([len(test) + 9, 2]), a_manifest((3, 32, 32)))
+    np.testing.assert_array_equal(got, np.stack([train.images[9], test.images[2]]))
+
+
 def test_originals_need_a_capture_that_knows_its_data_set(tmp_path):
     with capture.CaptureWriter(tmp_path, tap="proxy", dataset=None, cloud=None) as writer:
         writer.write(request_bytes(activation(0), frame_id=0), 1)

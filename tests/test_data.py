@@ -122,3 +122,33 @@ def test_the_device_labels_an_image_folder_by_class_name_and_warns_of_the_rest(s
     cifar = list(test.classes)
     labels = sorted(f["label"] for f in frames)
     assert labels == sorted([-1] + [cifar.index("cat")] * 3 + [cifar.index("ship")] * 3)
+
+
+def test_frame_ids_name_test_images_first_then_train_images_and_a_mix_draws_half_of_each():
+    test, train = data.load("cifar10", "test"), data.load("cifar10", "train")
+    ids = data.frame_ids("cifar10", "train", [0, 7])
+    assert ids.tolist() == [len(test), len(test) + 7]
+    got = data.frames("cifar10", np.r_[3, ids])
+    np.testing.assert_array_equal(got.images, np.stack([test.images[3], train.images[0], train.images[7]]))
+    assert got.labels.tolist() == [test.labels[3], train.labels[0], train.labels[7]]
+    mix = data.draw_frames("cifar10", "mix", 101, seed=4)
+    assert len(set(mix.tolist())) == 101 and data.is_train_frame("cifar10", mix).sum() == 50
+    assert data.is_train_frame("cifar10", mix[:20]).any() and not data.is_train_frame("cifar10", mix[:20]).all()
+    assert data.draw_frames("cifar10", "mix", 101, seed=4).tolist() == mix.tolist()  # --seed draws the same frames
+    assert data.is_train_frame("cifar10", data.draw_frames("cifar10", "train", 30)).all()
+    # The test frames are drawn as the device drew them before it could stream training images.
+    assert data.draw_frames("cifar10", "test", 30).tolist() == np.random.default_rng(0).permutation(400)[:30].tolist()
+
+
+def test_a_frame_id_past_both_splits_or_a_train_frame_of_a_set_without_one_is_refused():
+    with pytest.raises(ValueError, match=r"name no image of cifar10: its ids run from 0 to 1399 \(400 test"):
+        data.frames("cifar10", np.array([5, 1400]))
+    with pytest.raises(ValueError, match="embedded has no train split"):
+        data.draw_frames("embedded", "mix", 10)
+
+
+def test_the_device_refuses_training_frames_from_a_set_that_has_none_before_it_connects(capsys):
+    from splitleak import cli
+
+    assert cli.main(["device", "--dataset", "embedded", "--frames", "mix", "--cloud", "127.0.0.1:9"]) == 2
+    assert "embedded has no train split apart from its test split" in capsys.readouterr().err

@@ -21,8 +21,9 @@ A capture is a folder:
 The writer flushes every record, so a reader of a live capture, or of one whose tap crashed, loses at most the last
 record, which `read` recognises as cut short and leaves out.
 
-`frame_id` is the frame's index in the test split of `meta["dataset"]`, which is how `Capture.originals` finds the
-private input behind each activation, the ground truth an attack is scored against.
+`frame_id` names the frame's image in `meta["dataset"]` (splitleak.core.data.frames: ids below the test split's length
+are its images, the train split's come after), which is how `Capture.originals` finds the private input behind each
+activation, the ground truth an attack is scored against.
 """
 
 from __future__ import annotations
@@ -303,9 +304,8 @@ class Capture:
                 f"{int((frame_ids < 0).sum())} frame ids are -1 (the request named no single frame); "
                 "leave those rows out before asking for originals"
             )
-        ds = data.load(dataset, "test")
         channels, size = manifest.input_shape[0], manifest.input_shape[1]
-        return data.resize(ds.images[frame_ids], size, channels)
+        return data.resize(data.frames(dataset, frame_ids).images, size, channels)
 
 
 def _frame_ids(record: CapturedRequest, rows: int) -> np.ndarray:

@@ -9,6 +9,11 @@ A data set is named by a string:
 - `torchvision:CIFAR10` (any torchvision data set with `.data` and `.targets`): downloaded by torchvision into the
   cache, for users who are online;
 - `imagefolder:PATH`: one sub-folder of images per class.
+
+A frame the device streams names its image by one number, its frame id, whichever split it comes from (`frame_ids`,
+`frames`): ids 0 to len(test) - 1 are the test split's images in order, and id len(test) + i is the train split's
+image i. The test split comes first so that every id from before the device could stream training images keeps its
+meaning; and a tap that knows the data set tells a member of the shipped model's training set from its id alone.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+FRAMES = ("test", "train", "mix")  # which split the device's frames come from; mix: half of each
 
 
 @dataclass(frozen=True)
@@ -183,3 +189,65 @@ def _image_folder(root: Path) -> Dataset:
         np.array(labels, np.int64),
         tuple(classes),
     )
+
+
+def _has_train_split(name: str) -> bool:
+    """Whether `name` has a train split apart from its test split (the embedded sets and image folders have one set)."""
+    return not (name in {"embedded", "embedded-faces"} or name.startswith("imagefolder:"))
+
+
+def frame_ids(name: str, split: str, indices: np.ndarray) -> np.ndarray:
+    """The frame ids of the images `indices` of `split` ("test" or "train") of data set `name`."""
+    indices = np.asarray(indices, np.int64)
+    if split == "test":
+        return indices
+    if split != "train" or not _has_train_split(name):
+        raise ValueError(f"{name} has no {split!r} split to name frames from; frames come from 'test' or 'train'")
+    return len(load(name, "test")) + indices
+
+
+def is_train_frame(name: str, ids: np.ndarray) -> np.ndarray:
+    """(N,) bool: which frame ids name a train-split image of data set `name`."""
+    return np.asarray(ids, np.int64) >= len(load(name, "test"))
+
+
+def frames(name: str, ids: np.ndarray) -> Dataset:
+    """The images and labels behind frame ids `ids` of data set `name`, in their order (the train split is read only
+    when an id names one of its images)."""
+    ids = np.asarray(ids, np.int64)
+    test = load(name, "test")
+    train_count = len(load(name, "train")) if (ids >= len(test)).any() and _has_train_split(name) else 0
+    if ((ids < 0) | (ids >= len(test) + train_count)).any():
+        bad = ids[(ids < 0) | (ids >= len(test) + train_count)][:3].tolist()
+        raise ValueError(
+            f"frame ids {bad} name no image of {name}: its ids run from 0 to {len(test) + train_count - 1} "
+            f"({len(test)} test images, then {train_count} train images)"
+        )
+    if not train_count:
+        return test.take(ids)
+    train = load(name, "train")
+    from_train = ids >= len(test)
+    images = np.empty((len(ids), *test.images.shape[1:]), np.uint8)
+    labels = np.empty(len(ids), np.int64)
+    images[~from_train], labels[~from_train] = test.images[ids[~from_train]], test.labels[ids[~from_train]]
+    train_ids = ids[from_train] - len(test)
+    images[from_train], labels[from_train] = train.images[train_ids], train.labels[train_ids]
+    return Dataset(name, images, labels, test.classes)
+
+
+def draw_frames(name: str, kind: str, limit: int, seed: int = 0) -> np.ndarray:
+    """The frame ids of `limit` images drawn at random without replacement from the test split, the train split, or
+    (`mix`) half from each, shuffled together. At random because the shared data sets are stored grouped by class."""
+    rng = np.random.default_rng(seed)
+    if kind == "test":
+        return rng.permutation(len(load(name, "test")))[:limit]  # as the device drew frames before it had `kind`
+    if kind not in FRAMES:
+        raise ValueError(f"frames come from {', '.join(FRAMES)}, not {kind!r}")
+    if not _has_train_split(name):
+        raise ValueError(f"{name} has no train split apart from its test split: stream its frames with 'test'")
+    test_count, train_count = len(load(name, "test")), len(load(name, "train"))
+    train_limit = limit if kind == "train" else limit // 2
+    ids = test_count + rng.permutation(train_count)[:train_limit]
+    if kind == "mix":
+        ids = np.concatenate([ids, rng.permutation(test_count)[: limit - train_limit]])
+    return rng.permutation(ids)

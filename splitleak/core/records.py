@@ -31,7 +31,7 @@ class FrameRecord:
     Uplink and downlink compare the device's and the cloud's wall clocks (see splitleak.device.client)."""
 
     # Known when the frame leaves the device.
-    frame: int  # its index in the data set's test split
+    frame: int  # its frame id: its index in the data set's test split, or past it a train image (splitleak.core.data)
     label: int  # its true class; -1 when the data set's classes are not the model's
     split: str  # the split point it went through
     link: str  # the link profile's name

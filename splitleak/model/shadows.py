@@ -87,18 +87,45 @@ def prepare(recipe: Recipe) -> tuple[Path, data.Dataset, data.Dataset]:
     folder.mkdir(parents=True, exist_ok=True)
     c = recipe.config
     train_set, test_set = train.load_splits(replace(c, limit=None))
-    rng = np.random.default_rng(c.seed)
     if recipe.pool > len(train_set) or recipe.population > len(test_set):
         raise ValueError(
             f"{c.dataset} has {len(train_set)} train and {len(test_set)} test images: a pool of {recipe.pool} and a "
             f"population of {recipe.population} do not fit"
         )
-    pool = train_set.take(np.sort(rng.permutation(len(train_set))[: recipe.pool]))
-    population = test_set.take(np.sort(rng.permutation(len(test_set))[: recipe.population]))
+    pool_indices, population_indices = draw(c.seed, recipe.pool, recipe.population, len(train_set), len(test_set))
+    pool, population = train_set.take(pool_indices), test_set.take(population_indices)
     if not (folder / "pool.npz").exists():
         np.savez(folder / "pool.npz", labels=pool.labels, population_labels=population.labels)
         (folder / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1, default=str) + "\n")
     return folder, pool, population
+
+
+def draw(seed: int, pool: int, population: int, train_count: int, test_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's indices in the train split and the population's in the test split, sorted: a function of the
+    recipe's seed and sizes and the splits' sizes alone, so that whoever reads the models' logits can tell which
+    images they are (`frame_ids`)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(train_count)[:pool]), np.sort(rng.permutation(test_count)[:population])
+
+
+def frame_ids(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The frame ids (splitleak.core.data) of the pool's and the population's images of the shadow models in `folder`:
+    the images whose logits they hold, as a device streaming the same data set names them. Drawn again from the
+    recipe, and checked against the labels the run saved, so that a data root other than the run's is caught."""
+    recipe = json.loads((folder / "recipe.json").read_text())
+    dataset, seed = recipe["config"]["dataset"], recipe["config"]["seed"]
+    test, train_set = data.load(dataset, "test"), data.load(dataset, "train")
+    pool, population = draw(seed, recipe["pool"], recipe["population"], len(train_set), len(test))
+    saved = np.load(folder / "pool.npz")
+    if not (
+        np.array_equal(saved["labels"], train_set.labels[pool])
+        and np.array_equal(saved["population_labels"], test.labels[population])
+    ):
+        raise ValueError(
+            f"the shadow models in {folder} were trained on another copy of {dataset} than the data root holds now "
+            f"({data.data_root()}): their pool's labels differ"
+        )
+    return data.frame_ids(dataset, "train", pool), data.frame_ids(dataset, "test", population)
 
 
 def train_shadow(recipe: Recipe, index: int, pool: data.Dataset, population: data.Dataset) -> dict[str, np.ndarray]:
