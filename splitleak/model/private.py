@@ -67,11 +67,11 @@ def make_private(
     indices = TensorDataset(torch.arange(train_size))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(indices, batch_size=config.batch_size, generator=generator)
-    engine = PrivacyEngine(accountant=ACCOUNTANT)
     with warnings.catch_warnings():
         # Opacus warns that its noise is not from a cryptographically secure generator: right for a measurement, and
         # said in docs/membership.md; a deployment would pass secure_mode=True.
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
         private_model, private_optimizer, private_loader = engine.make_private_with_epsilon(
             module=model,
             optimizer=optimizer,
