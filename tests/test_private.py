@@ -158,3 +158,15 @@ def test_the_data_free_attack_refuses_a_group_norm_model_with_a_clear_message(dp
     _, out = dp_model_dir
     with pytest.raises(ValueError, match="has no BatchNormalization nodes, so the data-free attack has no statistics"):
         build("datafree", manifest=manifest.load(out), split="layer1")
+
+
+@pytest.mark.slow
+def test_canaries_take_the_dp_sgd_recipe_under_a_key_of_its_own(tmp_path, monkeypatch):
+    from splitleak.attacker import canaries
+
+    monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))
+    plain = canaries.Plan(TrainConfig(epochs=1, batch_size=32), pool=40, per_repeat=1, candidates=20)
+    private_plan = replace(plain, config=replace(plain.config, norm="group", dp_epsilon=8.0))
+    assert private_plan.key() != plain.key()
+    result = canaries.run(private_plan, progress=False)
+    assert result["training_images"] == 40 + 1 + 4 + 16 and set(result["exposure"]) == {1, 4, 16}
