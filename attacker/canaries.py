@@ -32,7 +32,7 @@ import torch
 
 from splitleak.core import data
 from splitleak.model import train
-from splitleak.model.checkpoint import TrainConfig, to_tensor
+from splitleak.model.checkpoint import TrainConfig, recipe_record, to_tensor
 
 REPEATS = (1, 4, 16)
 
@@ -47,7 +47,8 @@ class Plan:
     dedup: bool = False  # train on the deduplicated set
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        # recipe_record: the recipe's later fields (DP-SGD, group norm, no augmentation) change the key only when set
+        text = json.dumps(asdict(self) | {"config": recipe_record(self.config)}, sort_keys=True, default=str)
         return f"{self.config.model}-{self.config.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 

@@ -10,6 +10,9 @@ still load (those before training-time defences have no `name` and fewer config 
 In memory it is a `Checkpoint`. A variant trained with a training-time defence (splitleak.model.objectives) is cached
 beside the undefended one under its own name (e.g. `resnet20-cifar10-nopeek1.0-layer1`) and carries the
 `training_defence` record {"name", "strength", "split", "from", "epochs"} that the export writes into the manifest.
+A variant trained with DP-SGD (splitleak.model.private) carries a `privacy` record instead, with the epsilon the
+accountant reports at the end of training; group norm (`-gn`) and training without augmentation (`-noaug`) are named
+too, so each variant has a checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -42,6 +45,22 @@ class TrainConfig:
     strength: float = 0.0  # its weight in the loss (NoPeek's alpha, adversarial training's lambda)
     split: str | None = None  # the split point it protects; None: the model's default
     from_checkpoint: bool = False  # fine-tune the cached undefended checkpoint of the same model and data
+    norm: str = "batch"  # "batch", or "group": group norm in place of batch norm (zoo.NORMS), which DP-SGD needs
+    augment: bool = True  # random crops and flips; off, the model sees each training image as it is and memorises more
+    dp_epsilon: float | None = None  # train with DP-SGD to this (epsilon, dp_delta) budget (splitleak.model.private)
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # the per-example gradient norm DP-SGD clips to
+
+
+# Fields added after shadow models and canary runs were first cached under a hash of the config: left out of that
+# hash while they keep their defaults (recipe_record), so those caches keep their keys.
+LATER_FIELDS = ("norm", "augment", "dp_epsilon", "dp_delta", "dp_clip")
+
+
+def recipe_record(config: TrainConfig) -> dict:
+    """The config as a dict, without the LATER_FIELDS at their defaults: what cache keys hash."""
+    defaults = TrainConfig()
+    return {k: v for k, v in asdict(config).items() if k not in LATER_FIELDS or v != getattr(defaults, k)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,19 +77,33 @@ class Checkpoint:
     test_images: int
     history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
     training_defence: dict | None = None
+    # DP-SGD's {"epsilon", "target_epsilon", "delta", "max_grad_norm", "noise_multiplier", "sample_rate", "steps",
+    # "accountant"}: epsilon is what the accountant reports for the steps taken
+    privacy: dict | None = None
+
+
+def recipe_suffix(config: TrainConfig) -> str:
+    """What sets a variant's recipe apart from the plain one: -gn, -noaug, -dpEPS[-clipC][-deltaD], -DEFENCE..."""
+    suffix = "-gn" if config.norm == "group" else ""
+    suffix += "" if config.augment else "-noaug"
+    if config.dp_epsilon is not None:
+        defaults = TrainConfig()
+        suffix += f"-dp{float(config.dp_epsilon)}"
+        suffix += f"-clip{float(config.dp_clip)}" if config.dp_clip != defaults.dp_clip else ""
+        suffix += f"-delta{float(config.dp_delta):g}" if config.dp_delta != defaults.dp_delta else ""
+    return suffix + (f"-{config.defence}{float(config.strength)}-{config.split}" if config.defence else "")
 
 
 def variant_name(config: TrainConfig) -> str:
-    """The exported model's name: MODEL-DATASET, and for a defended variant -DEFENCE{STRENGTH}-SPLIT."""
-    name = f"{config.model}-{config.dataset}"
-    return name + (f"-{config.defence}{float(config.strength)}-{config.split}" if config.defence else "")
+    """The exported model's name: MODEL-DATASET, and for a variant its recipe_suffix (e.g. -gn-dp8.0,
+    -nopeek1.0-layer1)."""
+    return f"{config.model}-{config.dataset}" + recipe_suffix(config)
 
 
 def checkpoint_path(config: TrainConfig) -> Path:
     name = f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}"
     name += (f"-limit{config.limit}" if config.limit else "") + (f"-size{config.size}" if config.size else "")
-    name += f"-{config.defence}{float(config.strength)}-{config.split}" if config.defence else ""
-    return data.cache_dir() / "checkpoints" / f"{name}.pt"
+    return data.cache_dir() / "checkpoints" / f"{name}{recipe_suffix(config)}.pt"
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
@@ -91,6 +124,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     }
     if checkpoint.training_defence is not None:
         raw["training_defence"] = checkpoint.training_defence
+    if checkpoint.privacy is not None:
+        raw["privacy"] = checkpoint.privacy
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(raw, path)
 
@@ -115,6 +150,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         test_images=raw.get("test_images", 0),
         history=raw.get("history", []),
         training_defence=raw.get("training_defence"),
+        privacy=raw.get("privacy"),
     )
 
 
@@ -131,7 +167,8 @@ def cached_checkpoint(config: TrainConfig) -> Checkpoint:
 
 
 def load_model(checkpoint: Checkpoint) -> nn.Sequential:
-    model = zoo.build(checkpoint.config.model, num_classes=len(checkpoint.classes), in_channels=checkpoint.channels)
+    config = checkpoint.config
+    model = zoo.build(config.model, config.norm, num_classes=len(checkpoint.classes), in_channels=checkpoint.channels)
     model.load_state_dict(checkpoint.state_dict)
     return model.eval()
 

@@ -10,7 +10,10 @@ from the intact prediction). Zeroing every channel runs the tail C times; 128 im
 
 A checkpoint trained with a training-time defence (`splitleak train --defence`) exports under its variant's name
 (e.g. `resnet20-cifar10-nopeek1.0-layer1`), every split point as usual, with a top-level `training_defence` in the
-manifest: {"name", "strength", "split", "from", "epochs"}. Undefended models have no such key.
+manifest: {"name", "strength", "split", "from", "epochs"}. Undefended models have no such key. A checkpoint trained with
+DP-SGD (splitleak.model.private) writes its `privacy` record as a top-level `training_privacy` (the epsilon its
+accountant reported, delta, clip, noise multiplier, steps), and a group-norm model says `"norm": "group"`: its halves
+hold GroupNorm where the others hold BatchNormalization, and so give the data-free attack no statistics to match.
 """
 
 from __future__ import annotations
@@ -104,12 +107,15 @@ def export(
     calibration_images: np.ndarray | None = None,
     calibration_source: str | None = None,
     training_defence: dict | None = None,
+    training_privacy: dict | None = None,
+    norm: str = "batch",
 ) -> dict:
     """Write SPLIT.head.onnx and SPLIT.tail.onnx for each split point and manifest.json; returns the manifest.
 
     `calibration_images` (normalised float32, NCHW), from `calibration_source`, calibrate every split for the
     defences; without them the manifest has no calibration and the defences that need it refuse this model.
-    `training_defence` is the record of a training-time defence (splitleak.model.objectives), written as is."""
+    `training_defence` is the record of a training-time defence (splitleak.model.objectives), `training_privacy` that
+    of DP-SGD (splitleak.model.private), each written as is."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     example = torch.zeros(2, *input_shape)
@@ -153,6 +159,10 @@ def export(
     }
     if training_defence is not None:
         doc["training_defence"] = training_defence
+    if training_privacy is not None:
+        doc["training_privacy"] = training_privacy
+    if norm != "batch":
+        doc["norm"] = norm
     (out_dir / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
@@ -190,6 +200,8 @@ def export_checkpoint(checkpoint: Checkpoint, out_dir: Path, *, calibration_imag
         calibration_images=images,
         calibration_source=source,
         training_defence=checkpoint.training_defence,
+        training_privacy=checkpoint.privacy,
+        norm=config.norm,
     )
 
 
@@ -224,6 +236,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"exported {doc['name']} ({', '.join(doc['splits'])}) to {out}")
     if "training_defence" in doc:
         print(f"training-time defence: {json.dumps(doc['training_defence'])}")
+    if "training_privacy" in doc:
+        print(f"trained with DP-SGD: {json.dumps(doc['training_privacy'])}")
     if doc["calibration"] is None:
         print("not calibrated for defences (no training images): noise and topk will refuse this model")
     else:

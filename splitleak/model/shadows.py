@@ -27,7 +27,7 @@ import torch
 from splitleak.core import data
 from splitleak.core.process import alive
 from splitleak.model import train
-from splitleak.model.checkpoint import TrainConfig, to_tensor
+from splitleak.model.checkpoint import TrainConfig, recipe_record, to_tensor
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Recipe:
     population: int  # test-split images no model trains on (RMIA's population; the audit's non-members)
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        # recipe_record: the recipe's later fields (DP-SGD, group norm, no augmentation) change the key only when set
+        text = json.dumps(asdict(self) | {"config": recipe_record(self.config)}, sort_keys=True, default=str)
         return f"{self.config.model}-{self.config.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 

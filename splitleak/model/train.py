@@ -8,12 +8,18 @@ Every run minimises one objective (splitleak.model.objectives): `none`, the plai
 a training-time defence at one split point (NoPeek or adversarial training), which trains a defended variant from
 scratch or, with `--from-checkpoint`, fine-tunes the cached undefended checkpoint of the same model and data at a tenth
 of the learning rate. splitleak.model.checkpoint says what the checkpoint holds and where it is cached.
+
+Two more variants change the recipe itself, for the study of what a model remembers of its training set
+(docs/membership.md): `--dp-epsilon EPS` trains with DP-SGD (splitleak.model.private; with `--norm group`, which it
+needs), and `--no-augment` trains on the images as they are, with neither crops nor flips, which lets the model
+memorise them more.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -22,13 +28,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from splitleak.core import data
-from splitleak.model import objectives, zoo
+from splitleak.model import objectives, private, zoo
 from splitleak.model.checkpoint import (
     Checkpoint,
     TrainConfig,
     cached_checkpoint,
     checkpoint_path,
     load_model,
+    recipe_suffix,
     save_checkpoint,
     to_tensor,
     variant_name,
@@ -105,18 +112,50 @@ def training_data(train_set: data.Dataset, test_set: data.Dataset, mean: np.ndar
     )
 
 
-def build_training(
-    config: TrainConfig, prepared: TrainingData, base: Checkpoint | None
-) -> tuple[torch.nn.Sequential, objectives.Objective, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The model (fresh, or the base checkpoint's to fine-tune), its objective, the optimiser and the schedule."""
+@dataclass
+class Training:
+    """What one run trains with. Under DP-SGD, `trained` is wrapped by Opacus (per-example gradients), the optimizer
+    clips and noises, and `private_batches` draws the Poisson-sampled batches; `model` is the plain model inside."""
+
+    model: torch.nn.Sequential
+    trained: torch.nn.Module  # what the objective calls: the model, or Opacus' wrapper of it
+    objective: objectives.Objective
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    private_batches: Iterable[tuple[torch.Tensor]] | None = None  # DP-SGD: batches of training indices
+    privacy: object | None = None  # DP-SGD: Opacus' PrivacyEngine, whose accountant says what was spent
+
+    def batches(self, train_size: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """One epoch's batches of training indices: a random order cut in batches, or DP-SGD's Poisson samples."""
+        if self.private_batches is not None:
+            return [idx for (idx,) in self.private_batches]
+        return list(torch.randperm(train_size, generator=generator).split(batch_size))
+
+    def privacy_record(self, config: TrainConfig) -> dict | None:
+        return None if self.privacy is None else private.spent(config, self.privacy, self.optimizer)
+
+
+def build_training(config: TrainConfig, prepared: TrainingData, base: Checkpoint | None) -> Training:
+    """The model (fresh, or the base checkpoint's to fine-tune), its objective, the optimiser and the schedule, made
+    private when the config asks for DP-SGD."""
+    private.check(config)
     torch.manual_seed(config.seed)
     if base is None:
-        model = zoo.build(config.model, num_classes=len(prepared.classes), in_channels=prepared.x_train.shape[1])
+        model = zoo.build(
+            config.model, config.norm, num_classes=len(prepared.classes), in_channels=prepared.x_train.shape[1]
+        )
     else:
         model = load_model(base)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
+    schedule = one_cycle(optimizer, config.lr, config.epochs * -(-len(prepared.x_train) // config.batch_size))
+    trained, loader, engine = model, None, None
+    if config.dp_epsilon is not None:
+        trained, optimizer, loader, engine = private.make_private(config, model, optimizer, len(prepared.x_train))
     objective = objectives.build(
         config.defence or "none",
-        model,
+        trained,
         split=config.split,
         strength=config.strength,
         label_smoothing=config.label_smoothing,
@@ -124,11 +163,7 @@ def build_training(
         std=torch.from_numpy(prepared.std),
         input_shape=tuple(prepared.x_train.shape[1:]),
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
-    )
-    schedule = one_cycle(optimizer, config.lr, config.epochs * -(-len(prepared.x_train) // config.batch_size))
-    return model, objective, optimizer, schedule
+    return Training(model, trained, objective, optimizer, schedule, loader, engine)
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -142,6 +177,8 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
     """Random 4-pixel-padded crops and horizontal flips of a batch (B, C, H, W)."""
     b, _, h, w = x.shape
+    if b == 0:  # Poisson sampling can draw an empty batch
+        return x
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dy, dx = torch.randint(0, 9, (2, b), generator=generator)
     out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
@@ -151,11 +188,16 @@ def augment(x: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Te
     return out
 
 
+def batch_of(
+    prepared: TrainingData, idx: torch.Tensor, generator: torch.Generator, config: TrainConfig
+) -> torch.Tensor:
+    """The training images at `idx` as the model is fed them: augmented, unless the recipe says `augment=False`."""
+    x = prepared.x_train[idx]
+    return augment(x, generator, config.flip) if config.augment else x
+
+
 def train_one_epoch(
-    model: torch.nn.Module,
-    objective: objectives.Objective,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
+    training: Training,
     prepared: TrainingData,
     generator: torch.Generator,
     epoch: int,
@@ -163,18 +205,18 @@ def train_one_epoch(
     *,
     progress: bool,
 ) -> dict[str, float]:
-    """One pass over the training images in a random order, augmented; returns the mean of each term the objective
-    logs (a defence's; plain cross-entropy logs none)."""
-    model.train()
-    batches = torch.randperm(len(prepared.x_train), generator=generator).split(config.batch_size)
+    """One pass over the training images in a random order (or DP-SGD's Poisson batches), augmented unless the
+    recipe says not; returns the mean of each term the objective logs (a defence's; plain cross-entropy logs none)."""
+    training.trained.train()
+    batches = training.batches(len(prepared.x_train), config.batch_size, generator)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
     terms: dict[str, list[float]] = {}
     for idx in bar:
-        loss, logged = objective(augment(prepared.x_train[idx], generator, config.flip), prepared.y_train[idx])
-        optimizer.zero_grad(set_to_none=True)
+        loss, logged = training.objective(batch_of(prepared, idx, generator, config), prepared.y_train[idx])
+        training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        training.optimizer.step()
+        training.schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in logged.items()})
         for k, v in logged.items():
             terms.setdefault(k, []).append(v)
@@ -184,11 +226,11 @@ def train_one_epoch(
 def fit(config: TrainConfig, prepared: TrainingData, *, progress: bool) -> torch.nn.Module:
     """A fresh model of `config` trained on `prepared` for its epochs, and nothing else: no log, no checkpoint (shadow
     models, canary runs)."""
-    model, objective, optimizer, schedule = build_training(config, prepared, None)
+    training = build_training(config, prepared, None)
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(config.epochs):
-        train_one_epoch(model, objective, optimizer, schedule, prepared, generator, epoch, config, progress=progress)
-    return model
+        train_one_epoch(training, prepared, generator, epoch, config, progress=progress)
+    return training.model
 
 
 @torch.no_grad()
@@ -215,7 +257,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> Checkpoint:
     if config.from_checkpoint:
         base = cached_checkpoint(replace(config, defence=None, strength=0.0, split=None, from_checkpoint=False))
     prepared = prepare_data(config, base)
-    model, objective, optimizer, schedule = build_training(config, prepared, base)
+    training = build_training(config, prepared, base)
+    model = training.model
     generator = torch.Generator().manual_seed(config.seed)
     x_dcor = prepared.x_test[:1024]  # the images on which every record measures the split's distance correlation
 
@@ -228,9 +271,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Checkpoint:
             tqdm.write(f"before: {measured(history[0])}")
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        terms = train_one_epoch(
-            model, objective, optimizer, schedule, prepared, generator, epoch, config, progress=progress
-        )
+        terms = train_one_epoch(training, prepared, generator, epoch, config, progress=progress)
         accuracy = evaluate(model, prepared.x_test, prepared.y_test)
         record = {"epoch": epoch + 1, "test_accuracy": accuracy, "seconds": time.perf_counter() - start}
         record |= {f"train_{k}": v for k, v in terms.items()}  # the defence's term, over the epoch
@@ -240,7 +281,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Checkpoint:
         if progress:
             tqdm.write(f"epoch {epoch + 1}: {measured(record)} ({record['seconds']:.0f} s)")
 
-    trained = make_checkpoint(config, model, prepared, history, base)
+    trained = make_checkpoint(config, model, prepared, history, base, training.privacy_record(config))
     save_checkpoint(trained, checkpoint_path(config))
     return trained
 
@@ -251,6 +292,7 @@ def make_checkpoint(
     prepared: TrainingData,
     history: list[dict[str, float]],
     base: Checkpoint | None,
+    privacy: dict | None = None,
 ) -> Checkpoint:
     training_defence = None
     if config.defence:
@@ -274,6 +316,7 @@ def make_checkpoint(
         test_images=len(prepared.x_test),
         history=history,
         training_defence=training_defence,
+        privacy=privacy,
     )
 
 
@@ -292,7 +335,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="train on this many images only")
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (centre crop) first")
     parser.add_argument("--no-flip", action="store_true", help="no horizontal flips (for digits)")
+    parser.add_argument("--no-augment", action="store_true", help="no random crops or flips: memorises more")
+    parser.add_argument(
+        "--norm",
+        choices=zoo.NORMS,
+        help="batch or group norm (default: batch; group with --dp-epsilon, which needs it)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    dp = parser.add_argument_group("DP-SGD (splitleak.model.private)")
+    dp.add_argument("--dp-epsilon", type=float, help="train with DP-SGD to this privacy budget epsilon (> 0)")
+    dp.add_argument("--dp-delta", type=float, help=f"its delta (default {defaults.dp_delta:g})")
+    dp.add_argument(
+        "--dp-clip", type=float, help=f"the per-example gradient norm DP-SGD clips to (default {defaults.dp_clip})"
+    )
     defence = parser.add_argument_group("training-time defence (splitleak.model.objectives)")
     defence.add_argument("--defence", choices=sorted(objectives.DEFENCES), help="train a defended variant")
     defence.add_argument("--strength", type=float, help="the defence's weight in the loss (alpha, lambda)")
@@ -311,6 +366,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--strength, --split and --from-checkpoint go with --defence")
     if args.defence is not None and args.strength is None:
         raise ValueError(f"--defence {args.defence} needs --strength")
+    if args.dp_epsilon is None and (args.dp_delta is not None or args.dp_clip is not None):
+        raise ValueError("--dp-delta and --dp-clip go with --dp-epsilon")
     if args.split is not None and args.split not in zoo.ZOO[args.model].split_points:
         raise ValueError(
             f"{args.model} has no split point {args.split!r}: {', '.join(zoo.ZOO[args.model].split_points)}"
@@ -329,6 +386,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         strength=args.strength or 0.0,
         split=args.split or (zoo.ZOO[args.model].default_split if args.defence else None),
         from_checkpoint=args.from_checkpoint,
+        norm=args.norm or ("group" if args.dp_epsilon is not None else TrainConfig.norm),
+        augment=not args.no_augment,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=TrainConfig.dp_delta if args.dp_delta is None else args.dp_delta,
+        dp_clip=TrainConfig.dp_clip if args.dp_clip is None else args.dp_clip,
     )
 
 
@@ -336,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     trained = train(config_from_args(args))  # a bad argument or data set: splitleak.cli turns it into one line
     config, history = trained.config, trained.history
     path = checkpoint_path(config)
-    name = trained.name if config.defence else config.model  # "resnet20", or the variant's own name
+    name = trained.name if recipe_suffix(config) else config.model  # "resnet20", or the variant's own name
     print(
         f"{name} on {config.dataset}: test accuracy {trained.test_accuracy:.4f} "
         f"on {trained.test_images} images after {config.epochs} epochs ({history[-1]['seconds'] / 60:.1f} min)"
@@ -346,7 +408,13 @@ def main(args: argparse.Namespace) -> int:
         if config.from_checkpoint:
             print(f"before: test accuracy {history[0]['test_accuracy']:.4f}, {dcor} {history[0]['test_dcor']:.4f}")
         print(f"after: test accuracy {history[-1]['test_accuracy']:.4f}, {dcor} {history[-1]['test_dcor']:.4f}")
+    if trained.privacy is not None:
+        p = trained.privacy
+        print(
+            f"DP-SGD: epsilon {p['epsilon']:.3f} at delta {p['delta']:g} ({p['accountant']} accountant, {p['steps']} "
+            f"steps, noise multiplier {p['noise_multiplier']:.3f}, clip {p['max_grad_norm']})"
+        )
     print(f"checkpoint: {path}")
-    if config.defence:
+    if recipe_suffix(config):
         print(f"export it: splitleak export --checkpoint {path}")
     return 0
