@@ -49,11 +49,12 @@ CASES = [("resnet20", s) for s in zoo.ZOO["resnet20"].split_points] + [
     ("hecnn", s) for s in zoo.ZOO["hecnn"].split_points
 ]
 # He et al.'s CNN has no batch norm for the data-free attack to start from.
-# "X.onnx": attack X exported as `splitleak attacker train-decoder` exports it, run as the live attacker runs it.
+# "X.onnx": attack X exported as `splitleak attacker train-decoder` exports it, run as the live attacker runs it;
+# "datafree-w32": with `--width 32`, inverse blocks half as wide as the default's 64 channels.
 RUNNERS = [
     (*case, r)
     for case in CASES
-    for r in ("head", "decoder", "decoder.onnx", "datafree", "datafree.onnx")
+    for r in ("head", "decoder", "decoder.onnx", "datafree", "datafree.onnx", "datafree-w32.onnx")
     if not (r.startswith("datafree") and case[0] == "hecnn")
 ]
 DATAFREE_TINY = dict(synthetic_images=8, synthesis_steps=1, batch_size=8, epochs=1, adapt_epochs=1)
@@ -93,7 +94,8 @@ def test_decoder_inverts_a_batch_against_the_head_that_made_it(
         if runner.startswith("decoder"):
             attack = build("decoder", manifest=m, split=split, auxiliary=frames(64), epochs=1)
         else:
-            attack = build("datafree", manifest=m, split=split, **DATAFREE_TINY)
+            width = 32 if runner.startswith("datafree-w32") else 64  # datafree-w32: inverses half as wide
+            attack = build("datafree", manifest=m, split=split, **DATAFREE_TINY, width=width)
         run, args = attack.invert, (intercepted(m, split, BATCH),)
         if runner.endswith(".onnx"):
             path = tmp_path / f"{split}.{attack.name}.onnx"
