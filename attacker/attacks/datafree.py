@@ -237,10 +237,7 @@ class DivideAndConquerInversion(Attack):
         return relative_error(image, features[0]) + cycle_weight * relative_error(self._encode(image)[-1], features[-1])
 
     def _decode(self, activation: torch.Tensor) -> torch.Tensor:
-        x = activation
-        for inverse in reversed(self.inverses):
-            x = inverse(x)
-        return x  # (B, C, H, W), normalised
+        return decode(self.inverses, activation)  # (B, C, H, W), normalised
 
     def network(self) -> nn.Module:
         return ChainedInverses(self.inverses, self.mean, self.std).eval()
@@ -267,10 +264,15 @@ class ChainedInverses(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
-        x = activation
-        for inverse in reversed(self.inverses):
-            x = inverse(x)
-        return x * self.std + self.mean
+        return decode(self.inverses, activation) * self.std + self.mean
+
+
+def decode(inverses: nn.ModuleList, activation: torch.Tensor) -> torch.Tensor:
+    """The inverses chained from the activation back to the image: (B, C, H, W), normalised."""
+    x = activation
+    for inverse in reversed(inverses):
+        x = inverse(x)
+    return x
 
 
 def synthetic_images(
